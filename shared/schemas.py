@@ -1,0 +1,251 @@
+"""Messages that cross a process boundary (Redis, database), as pydantic models.
+
+Serialisation is confined to :func:`dump` and :func:`load`; nothing else on the wire
+is a loose dict.
+"""
+
+from __future__ import annotations
+
+import time
+from enum import Enum
+from typing import Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Precision = Literal["fp32", "bf16", "fp16", "int8"]
+FinishReason = Literal["stop", "length", "error"]
+RequestKind = Literal["completion", "chat"]
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def now() -> float:
+    """Wall-clock seconds since the epoch: the one clock used in every record."""
+    return time.time()
+
+
+def dump(message: BaseModel) -> str:
+    """Serialise a message for Redis or a database column."""
+    return message.model_dump_json()
+
+
+def load(model: type[M], raw: str | bytes) -> M:
+    """Parse a message written by :func:`dump`; raises ``pydantic.ValidationError``."""
+    return model.model_validate_json(raw)
+
+
+class _Wire(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=False)
+
+
+class SamplingParams(_Wire):
+    """How to generate: validated by the gateway, applied per request by the engine."""
+
+    max_tokens: int = Field(default=16, ge=1)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)  # 0 means greedy
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    stop: list[str] = Field(default_factory=list)
+    seed: int | None = None
+
+
+class GenerationRequest(_Wire):
+    """One sequence to generate, as queued on the requests stream."""
+
+    id: str
+    kind: RequestKind = "completion"
+    prompt: str
+    prompt_token_ids: list[int]
+    params: SamplingParams = Field(default_factory=SamplingParams)
+    stream: bool = False
+    enqueued_at: float = Field(default_factory=now)
+    job_id: str | None = None
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.prompt_token_ids)
+
+
+class TokenDelta(_Wire):
+    """Streamed text of one request: ``text`` starts at character ``offset``."""
+
+    type: Literal["delta"] = "delta"
+    request_id: str
+    offset: int
+    text: str
+
+
+class GenerationResult(_Wire):
+    """The final answer to one request, published once."""
+
+    type: Literal["result"] = "result"
+    request_id: str
+    text: str
+    finish_reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+    model: str
+    worker_id: str
+    queued_at: float
+    started_at: float
+    first_token_at: float | None = None
+    finished_at: float = Field(default_factory=now)
+    # Set when the engine capped the request (max sequence length) or failed it.
+    note: str | None = None
+    error: str | None = None
+
+
+class ModelInfo(_Wire):
+    """What a worker serves; published so the gateway can validate without torch."""
+
+    name: str
+    requested: str
+    synthetic: bool
+    context_length: int
+    tokenizer_json: str
+    chat_template: str | None = None
+    eos_token: str | None = None
+    bos_token: str | None = None
+    dtype: str = "fp32"
+    device: str = "cpu"
+
+
+class ControlSettings(_Wire):
+    """Settings the agent decides and a worker applies at its next batch boundary."""
+
+    version: int = 0
+    batch_size: int = Field(default=16, ge=1)
+    max_seq_len: int = Field(default=2048, ge=16)
+    precision: Precision = "bf16"
+    reason: str = "initial settings"
+    updated_at: float = Field(default_factory=now)
+
+
+class GpuSample(_Wire):
+    """NVML reading of one GPU."""
+
+    index: int
+    name: str
+    memory_used_bytes: int
+    memory_total_bytes: int
+    utilization_pct: float | None = None
+    temperature_c: float | None = None
+    power_w: float | None = None
+    # Memory of processes on this GPU by pid, where NVML can tell.
+    process_memory_bytes: dict[int, int] = Field(default_factory=dict)
+
+
+class TelemetrySample(_Wire):
+    """One monitor reading: every GPU (empty with ``gpu='none'``) plus the host."""
+
+    type: Literal["telemetry"] = "telemetry"
+    ts: float = Field(default_factory=now)
+    host: str
+    gpu: Literal["nvml", "none"]
+    gpus: list[GpuSample] = Field(default_factory=list)
+    host_memory_used_bytes: int = 0
+    host_memory_total_bytes: int = 0
+    cpu_pct: float = 0.0
+    note: str | None = None
+
+
+class CycleStats(_Wire):
+    """One inference cycle (a batch) of a worker: recorded and sent to the agent."""
+
+    type: Literal["cycle"] = "cycle"
+    ts: float = Field(default_factory=now)
+    worker_id: str
+    gpu_index: int | None = None
+    settings_version: int
+    settings_reason: str = ""
+    batch_size: int
+    max_prompt_len: int
+    mean_prompt_len: float
+    max_new_tokens: int
+    precision: Precision
+    max_seq_len: int
+    tokens_generated: int
+    tokens_per_s: float
+    latency_s: float
+    latency_p50_s: float | None = None
+    latency_p95_s: float | None = None
+    padding_ratio: float
+    memory_allocated_bytes: int | None = None
+    memory_peak_bytes: int | None = None
+    memory_reserved_bytes: int | None = None
+    nvml_used_bytes: int | None = None
+    nvml_total_bytes: int | None = None
+    gpu_utilization_pct: float | None = None
+    queue_depth: int = 0
+    oom_events: int = 0
+
+
+class OomEvent(_Wire):
+    """A CUDA out-of-memory caught by the worker's guard."""
+
+    type: Literal["oom"] = "oom"
+    ts: float = Field(default_factory=now)
+    worker_id: str
+    gpu_index: int | None = None
+    batch_size: int
+    max_prompt_len: int
+    max_new_tokens: int
+    precision: Precision
+    settings_version: int
+    recovered: bool
+    action: str
+    message: str = ""
+
+
+class DecisionAction(str, Enum):
+    GROW = "grow"
+    SHRINK = "shrink"
+    HOLD = "hold"
+    HALVE = "halve"
+    PRECISION = "precision"
+    CAP_SEQ = "cap_seq"
+    RELAX_SEQ = "relax_seq"
+
+
+class Decision(_Wire):
+    """A change of settings by the agent, with the inputs that led to it."""
+
+    ts: float = Field(default_factory=now)
+    worker_id: str
+    action: DecisionAction
+    reason: str
+    before: ControlSettings
+    after: ControlSettings
+    inputs: dict[str, float | int | str | None] = Field(default_factory=dict)
+
+
+class RequestRecord(_Wire):
+    """Timings of one request, recorded by the worker that answered it."""
+
+    request_id: str
+    worker_id: str
+    kind: RequestKind
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: FinishReason
+    queued_at: float
+    started_at: float
+    first_token_at: float | None
+    finished_at: float
+    settings_version: int
+
+
+WorkerEvent = CycleStats | OomEvent
+
+
+class WorkerInfo(_Wire):
+    """A worker as it announces itself at start-up (recorded, shown on the dashboard)."""
+
+    worker_id: str
+    host: str
+    pid: int
+    device: str
+    gpu_index: int | None = None
+    gpu_name: str | None = None
+    model: str
+    synthetic: bool
+    started_at: float = Field(default_factory=now)
