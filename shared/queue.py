@@ -137,6 +137,14 @@ class WorkerQueue:
                 self.keys.requests, WORKER_GROUP, self.consumer, 0, entry_ids, justid=True
             )
 
+    def release(self, entry_ids: list[str]) -> None:
+        """Hand entries back unstarted: idle past the timeout, any worker reclaims them now."""
+        if entry_ids:
+            self.client.xclaim(
+                self.keys.requests, WORKER_GROUP, self.consumer, 0, entry_ids,
+                idle=self.visibility_ms + 1, justid=True,
+            )
+
     def is_done(self, request_id: str) -> bool:
         """Whether a final answer was already published (a redelivered request)."""
         return bool(self.client.exists(self.keys.done(request_id)))

@@ -97,3 +97,12 @@ def test_gateway_admission_and_event_stream(redis_client: redis.Redis, keys: Key
         return seen
 
     assert asyncio.run(scenario()) == ["Hel", "lo", "!", "Hello!"]
+
+
+def test_released_entries_are_reclaimable_at_once(redis_client: redis.Redis, keys: Keys) -> None:
+    leaving = WorkerQueue(redis_client, keys, "leaving", visibility_timeout_s=60)
+    staying = WorkerQueue(redis_client, keys, "staying", visibility_timeout_s=60)
+    leaving.submit(_request(7))
+    held = leaving.pull(1, block_ms=10)
+    leaving.release([d.entry_id for d in held])
+    assert [d.request.id for d in staying.pull(1, block_ms=10)] == ["r7"]

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Creates .venv and installs AEGIS with its dev tools. Torch first: where a local CPU
+# build of torch 2.13 is on disk (this project's dev/CI machines) pip takes it instead
+# of downloading a multi-GB CUDA build; on GPU machines an installed torch is kept.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+  .venv/bin/python -m pip install -q "torch==2.13.0" || .venv/bin/python -m pip install -q "torch>=2.11"
+fi
+.venv/bin/python -m pip install -q -e ".[dev]"
+touch .venv/.installed

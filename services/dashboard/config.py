@@ -1,0 +1,18 @@
+"""Settings of the dashboard, read from ``AEGIS_*`` environment variables."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from shared.config import CommonSettings
+
+
+class DashboardSettings(CommonSettings):
+    """Where the dashboard listens, how often it refreshes, and its default time window."""
+
+    # Port for `streamlit run --server.port`; Streamlit itself reads its own flag.
+    port: int = Field(default=8501, ge=1, le=65535)
+    refresh_s: float = Field(default=2.0, gt=0)
+    window_minutes: float = Field(default=15.0, gt=0)
+    # Rows fetched per table and refresh: keeps a 24 h window cheap to draw.
+    max_rows: int = Field(default=20_000, ge=100)

@@ -1,0 +1,107 @@
+"""Errors in OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``.
+
+Routes raise :class:`ApiError`; the handlers installed by :func:`install_handlers` turn it,
+FastAPI's validation errors (400, as OpenAI answers) and anything unexpected (500) into
+that shape, so a client never sees another format.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger(__name__)
+
+
+class ApiError(Exception):
+    """An answer other than success, with its HTTP status and OpenAI error fields."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type_: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type_
+        self.param = param
+        self.code = code
+        self.headers = headers
+
+    def body(self) -> dict[str, Any]:
+        """The JSON body of the error response (also sent as an SSE event)."""
+        return error_body(self.message, self.type, self.param, self.code)
+
+
+def error_body(
+    message: str, type_: str, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = None) -> ApiError:
+    return ApiError(400, message, "invalid_request_error", param, code)
+
+
+def no_model() -> ApiError:
+    return ApiError(
+        503,
+        "no worker has loaded a model yet: start a worker and retry",
+        "service_unavailable",
+        code="model_not_loaded",
+    )
+
+
+def _describe(error: dict[str, Any]) -> tuple[str, str | None]:
+    """One readable line and the offending parameter of a pydantic error."""
+    loc = [str(part) for part in error.get("loc", ()) if part != "body"]
+    if error.get("type") == "json_invalid":
+        return f"request body is not valid JSON: {error.get('msg', '')}", None
+    where = ".".join(loc)
+    if not where:
+        return f"request body: {error.get('msg', 'invalid')}", None
+    return f"{where}: {error.get('msg', 'invalid')}", loc[0]
+
+
+async def _api_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ApiError)
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+
+async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    errors = list(exc.errors())
+    messages = [_describe(error) for error in errors[:5]]
+    text = "; ".join(message for message, _ in messages) or "invalid request"
+    param = messages[0][1] if messages else None
+    return JSONResponse(error_body(text, "invalid_request_error", param), status_code=400)
+
+
+async def _http_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    type_ = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+    body = error_body(str(exc.detail), type_)
+    return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+
+
+async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error: %s", exc)
+    return JSONResponse(error_body("internal server error", "server_error"), status_code=500)
+
+
+def install_handlers(app: FastAPI) -> None:
+    """Make every error of ``app`` answer in OpenAI's shape."""
+    app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected)

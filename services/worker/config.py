@@ -1,0 +1,53 @@
+"""Settings of a worker process (``AEGIS_*`` environment variables)."""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from shared.config import DEFAULT_MODEL, CommonSettings
+
+DeviceChoice = Literal["auto", "cpu", "cuda"] | str
+PrecisionChoice = Literal["auto", "fp32", "bf16", "fp16", "int8"]
+
+
+class WorkerSettings(CommonSettings):
+    """One worker serves one model on one device and is one consumer of the stream."""
+
+    worker_id: str = ""
+    model: str = DEFAULT_MODEL
+    allow_synthetic_fallback: bool = True
+    device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    precision: PrecisionChoice = "auto"
+    # Initial settings until the agent writes some.
+    batch_size: int = Field(default=16, ge=1, le=4096)
+    max_seq_len: int = Field(default=0, ge=0)  # 0: the model's context length
+    # Cap on prompt+generated tokens of one batch, so long prompts run in smaller batches.
+    max_batch_tokens: int = Field(default=0, ge=0)  # 0: no cap beyond batch_size
+    visibility_timeout_s: float = Field(default=30.0, gt=0)
+    claim_refresh_s: float = Field(default=5.0, gt=0)
+    max_deliveries: int = Field(default=5, ge=1)
+    heartbeat_ttl_s: int = Field(default=15, ge=2)
+    # How many requests beyond one batch to hold, to pick batches of similar length.
+    lookahead_factor: float = Field(default=2.0, ge=1.0)
+    poll_block_ms: int = Field(default=500, ge=1)
+    events_maxlen: int = Field(default=10_000, ge=100)
+    # Testing and benchmark hooks: a fraction of GPU memory this process may use, and an
+    # injected OOM for batches over this many tokens (0 = off) to exercise the guard on CPU.
+    gpu_memory_fraction: float = Field(default=0.0, ge=0.0, le=1.0)
+    inject_oom_above_tokens: int = Field(default=0, ge=0)
+
+    @model_validator(mode="after")
+    def _default_worker_id(self) -> WorkerSettings:
+        if not self.worker_id:
+            device = self.device.replace(":", "") if self.device != "auto" else "auto"
+            self.worker_id = f"{socket.gethostname()}-{device}"
+        return self
+
+    @property
+    def consumer_name(self) -> str:
+        """Stream consumer: unique per process, so a restart never inherits stale claims."""
+        return f"{self.worker_id}:{os.getpid()}"

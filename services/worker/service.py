@@ -1,0 +1,369 @@
+"""The worker loop: settings -> pull -> schedule -> run (OOM-guarded) -> answer -> record -> ack.
+
+One worker serves one model on one device and is one consumer of the request stream.
+It never makes policy decisions beyond the OOM guard: batch size, max sequence length
+and precision come from the agent's control hash, read at every batch boundary.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import statistics
+import threading
+import time
+from dataclasses import dataclass
+
+import redis
+
+from services.worker.config import WorkerSettings
+from services.worker.engine import BatchLimits, BatchOutcome, Engine, RequestOutcome
+from services.worker.model import LoadedModel, model_info
+from services.worker.oom import OomInfo, run_with_oom_guard
+from services.worker.scheduler import select_batch
+from shared.control import ControlStore
+from shared.db.writer import RecordWriter
+from shared.events import publish_event
+from shared.keys import Keys
+from shared.queue import Delivery, WorkerQueue
+from shared.schemas import (
+    ControlSettings,
+    CycleStats,
+    GenerationRequest,
+    GenerationResult,
+    OomEvent,
+    RequestRecord,
+    WorkerInfo,
+    dump,
+    now,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DeviceMemory:
+    """What the worker knows of its GPU's memory (all None on CPU)."""
+
+    nvml_used_bytes: int | None = None
+    nvml_total_bytes: int | None = None
+    utilization_pct: float | None = None
+
+
+class Worker:
+    """Runs batches from the stream until :meth:`stop` is called."""
+
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        client: redis.Redis,
+        writer: RecordWriter,
+        loaded: LoadedModel,
+        engine: Engine,
+    ) -> None:
+        self.settings = settings
+        self.client = client
+        self.writer = writer
+        self.loaded = loaded
+        self.engine = engine
+        self.keys = Keys(settings.key_prefix)
+        self.queue = WorkerQueue(
+            client, self.keys, settings.consumer_name,
+            visibility_timeout_s=settings.visibility_timeout_s,
+            max_deliveries=settings.max_deliveries,
+        )
+        self.control = ControlStore(client, self.keys)
+        self.buffer: list[Delivery] = []
+        self.inflight: list[Delivery] = []
+        self.applied = ControlSettings(version=-1)
+        self.cycles = 0
+        self._stop = threading.Event()
+        self._held_lock = threading.Lock()
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Finish the batch in flight, hand back what is buffered, then return from run()."""
+        self._stop.set()
+
+    def run(self) -> None:
+        self.announce()
+        beat = threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True)
+        beat.start()
+        try:
+            while not self._stop.is_set():
+                self.step()
+        finally:
+            self._hand_back()
+            self.client.delete(self.keys.worker_alive(self.settings.worker_id))
+            log.info("worker %s stopped after %d cycles", self.settings.worker_id, self.cycles)
+
+    def announce(self) -> None:
+        """Publish the model served (for the gateway) and register this worker."""
+        info = model_info(self.loaded)
+        self.client.set(self.keys.model_info, dump(info))
+        worker = WorkerInfo(
+            worker_id=self.settings.worker_id, host=socket.gethostname(), pid=os.getpid(),
+            device=self.loaded.device, gpu_index=_gpu_index(self.loaded.device),
+            gpu_name=_gpu_name(self.loaded.device), model=self.loaded.name,
+            synthetic=self.loaded.synthetic,
+        )
+        self.client.hset(self.keys.workers, self.settings.worker_id, dump(worker))
+        self.writer.submit(worker)
+        self._beat()
+
+    def _beat(self) -> None:
+        self.client.set(self.keys.worker_alive(self.settings.worker_id), "1",
+                        ex=self.settings.heartbeat_ttl_s)
+
+    def _heartbeat(self) -> None:
+        """Keep the liveness key and the claims on held requests fresh."""
+        while not self._stop.wait(self.settings.claim_refresh_s):
+            try:
+                self._beat()
+                with self._held_lock:
+                    held = [d.entry_id for d in self.inflight + self.buffer]
+                self.queue.refresh_claims(held)
+            except redis.RedisError as exc:
+                log.warning("heartbeat failed: %s", exc)
+
+    def _hand_back(self) -> None:
+        """Make buffered, unstarted requests immediately reclaimable by other workers."""
+        with self._held_lock:
+            ids = [d.entry_id for d in self.buffer]
+            self.buffer = []
+        if ids:
+            self.queue.release(ids)
+            log.info("handed back %d buffered request(s)", len(ids))
+
+    # -- one cycle -------------------------------------------------------------------
+
+    def step(self) -> bool:
+        """Run one batch if any request is waiting; False when there was nothing to do."""
+        settings = self.current_settings()
+        self._fill_buffer(settings)
+        batch = self._take_batch(settings)
+        if not batch:
+            return False
+        started = now()
+        outcomes = self._run(batch, settings)
+        self._answer(batch, outcomes, settings, started)
+        return True
+
+    def current_settings(self) -> ControlSettings:
+        """The agent's settings (read at every batch boundary), applied when they changed."""
+        settings = self.control.read(self.settings.worker_id)
+        if settings is None:
+            settings = self.control.write(self.settings.worker_id, self._initial_settings())
+        if settings.version != self.applied.version:
+            self._apply(settings)
+        return self.applied
+
+    def _initial_settings(self) -> ControlSettings:
+        return ControlSettings(
+            batch_size=self.settings.batch_size,
+            max_seq_len=self.settings.max_seq_len or self.loaded.context_length,
+            precision=self.loaded.precision,
+            reason="initial settings of the worker",
+        )
+
+    def _apply(self, settings: ControlSettings) -> None:
+        if settings.precision != self.engine.precision:
+            change = self.engine.set_precision(settings.precision)
+            log.info("precision %s -> %s: %s", change.before, change.after, change.describe())
+        max_seq = min(settings.max_seq_len, self.loaded.context_length)
+        self.applied = settings.model_copy(update={"max_seq_len": max_seq})
+        log.info("settings v%d applied: batch %d, max_seq_len %d, %s (%s)", settings.version,
+                 settings.batch_size, max_seq, settings.precision, settings.reason)
+
+    def _fill_buffer(self, settings: ControlSettings) -> None:
+        want = int(settings.batch_size * self.settings.lookahead_factor) - len(self.buffer)
+        if want <= 0:
+            return
+        block = 0 if self.buffer else self.settings.poll_block_ms
+        fresh = [d for d in self.queue.pull(want, block_ms=block) if self._admit(d)]
+        with self._held_lock:
+            self.buffer.extend(fresh)
+
+    def _admit(self, delivery: Delivery) -> bool:
+        """Drop what must not run: answered already, held already, or redelivered too often."""
+        if self.queue.is_done(delivery.request.id):
+            self.queue.ack([delivery.entry_id])
+            return False
+        if any(d.entry_id == delivery.entry_id for d in self.buffer):
+            return False
+        if delivery.deliveries > self.settings.max_deliveries:
+            self._fail(delivery, f"request failed {delivery.deliveries - 1} times (worker crashes)")
+            return False
+        return True
+
+    def _fail(self, delivery: Delivery, error: str) -> None:
+        request = delivery.request
+        self.queue.publish_result(GenerationResult(
+            request_id=request.id, text="", finish_reason="error", prompt_tokens=request.prompt_len,
+            completion_tokens=0, model=self.loaded.name, worker_id=self.settings.worker_id,
+            queued_at=request.enqueued_at, started_at=now(), error=error,
+        ))
+        self.queue.ack([delivery.entry_id])
+        log.error("request %s failed: %s", request.id, error)
+
+    def _take_batch(self, settings: ControlSettings) -> list[Delivery]:
+        requests = [d.request for d in self.buffer]
+        budget = self.settings.max_batch_tokens or None
+        chosen = {r.id for r in select_batch(requests, settings.batch_size, budget)}
+        with self._held_lock:
+            self.inflight = [d for d in self.buffer if d.request.id in chosen]
+            self.buffer = [d for d in self.buffer if d.request.id not in chosen]
+        return self.inflight
+
+    def _run(self, batch: list[Delivery], settings: ControlSettings) -> list[RequestOutcome]:
+        limits = BatchLimits(max_seq_len=settings.max_seq_len)
+        requests = [d.request for d in batch]
+        self._oom_events = 0
+
+        def run(part: list[GenerationRequest]) -> BatchOutcome:
+            return self.engine.run(part, limits, on_text=self.queue.publish_deltas)
+
+        self._outcomes = run_with_oom_guard(run, requests, on_oom=self._on_oom)
+        return [o for outcome in self._outcomes for o in outcome.results]
+
+    def _on_oom(self, info: OomInfo) -> None:
+        self._oom_events += 1
+        event = OomEvent(
+            worker_id=self.settings.worker_id, gpu_index=_gpu_index(self.loaded.device),
+            batch_size=info.batch_size, max_prompt_len=info.max_prompt_len,
+            max_new_tokens=info.max_new_tokens, precision=self.applied.precision,
+            settings_version=self.applied.version, recovered=info.recovered,
+            action=info.action, message=info.message,
+        )
+        log.warning("OOM at batch %d (prompt %d, new %d): %s", info.batch_size,
+                    info.max_prompt_len, info.max_new_tokens, info.action)
+        publish_event(self.client, self.keys, event, self.settings.events_maxlen)
+        self.writer.submit(event)
+
+    def _answer(
+        self, batch: list[Delivery], results: list[RequestOutcome], settings: ControlSettings,
+        started: float,
+    ) -> None:
+        by_id = {r.request_id: r for r in results}
+        for delivery in batch:
+            outcome = by_id[delivery.request.id]
+            result = self._result(delivery.request, outcome, started)
+            if self.queue.publish_result(result):
+                self.writer.submit(self._request_record(delivery.request, result, settings))
+        self.queue.ack([d.entry_id for d in batch])
+        with self._held_lock:
+            self.inflight = []
+        self._record_cycle(batch, results, settings, started)
+
+    def _result(self, request: GenerationRequest, outcome: RequestOutcome, started: float) -> GenerationResult:
+        return GenerationResult(
+            request_id=request.id, text=outcome.text, finish_reason=outcome.finish_reason,
+            prompt_tokens=request.prompt_len, completion_tokens=outcome.completion_tokens,
+            model=self.loaded.name, worker_id=self.settings.worker_id,
+            queued_at=request.enqueued_at, started_at=started,
+            first_token_at=outcome.first_token_at, note=outcome.note, error=outcome.error,
+        )
+
+    def _request_record(
+        self, request: GenerationRequest, result: GenerationResult, settings: ControlSettings
+    ) -> RequestRecord:
+        return RequestRecord(
+            request_id=request.id, worker_id=self.settings.worker_id, kind=request.kind,
+            prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
+            finish_reason=result.finish_reason, queued_at=result.queued_at,
+            started_at=result.started_at, first_token_at=result.first_token_at,
+            finished_at=result.finished_at, settings_version=settings.version,
+        )
+
+    def _record_cycle(
+        self, batch: list[Delivery], results: list[RequestOutcome], settings: ControlSettings,
+        started: float,
+    ) -> None:
+        stats = cycle_stats(self._outcomes, batch, started)
+        memory = device_memory(self.loaded.device)
+        cycle = CycleStats(
+            worker_id=self.settings.worker_id, gpu_index=_gpu_index(self.loaded.device),
+            settings_version=settings.version, settings_reason=settings.reason,
+            precision=self.engine.precision, max_seq_len=settings.max_seq_len,
+            queue_depth=self.queue.depth(), oom_events=self._oom_events,
+            nvml_used_bytes=memory.nvml_used_bytes, nvml_total_bytes=memory.nvml_total_bytes,
+            gpu_utilization_pct=memory.utilization_pct, **stats,
+        )
+        self.cycles += 1
+        publish_event(self.client, self.keys, cycle, self.settings.events_maxlen)
+        self.writer.submit(cycle)
+        log.info(
+            "cycle %d: batch %d, prompt<=%d, %d tok in %.2fs = %.1f tok/s, pad %.0f%%, %s, v%d%s",
+            self.cycles, cycle.batch_size, cycle.max_prompt_len, cycle.tokens_generated,
+            cycle.latency_s, cycle.tokens_per_s, 100 * cycle.padding_ratio, cycle.precision,
+            cycle.settings_version, f", {cycle.oom_events} OOM" if cycle.oom_events else "",
+        )
+
+
+def cycle_stats(outcomes: list[BatchOutcome], batch: list[Delivery], started: float) -> dict:
+    """Figures of one cycle from the engine's outcomes (several when the OOM guard split it)."""
+    finished = now()
+    latency = finished - started
+    tokens = sum(o.tokens_generated for o in outcomes)
+    lengths = [d.request.prompt_len for d in batch]
+    e2e = sorted(finished - d.request.enqueued_at for d in batch)
+    padded = sum(o.padding_ratio * o.max_prompt_len * o.batch_size for o in outcomes)
+    total = sum(o.max_prompt_len * o.batch_size for o in outcomes) or 1
+    return {
+        "batch_size": len(batch),
+        "max_prompt_len": max(lengths),
+        "mean_prompt_len": statistics.fmean(lengths),
+        "max_new_tokens": max(d.request.params.max_tokens for d in batch),
+        "tokens_generated": tokens,
+        "tokens_per_s": tokens / latency if latency > 0 else 0.0,
+        "latency_s": latency,
+        "latency_p50_s": _percentile(e2e, 0.50),
+        "latency_p95_s": _percentile(e2e, 0.95),
+        "padding_ratio": padded / total,
+        "memory_allocated_bytes": _max_of(o.memory_allocated_bytes for o in outcomes),
+        "memory_peak_bytes": _max_of(o.memory_peak_bytes for o in outcomes),
+        "memory_reserved_bytes": _max_of(o.memory_reserved_bytes for o in outcomes),
+    }
+
+
+def _percentile(sorted_values: list[float], q: float) -> float:
+    index = min(len(sorted_values) - 1, round(q * (len(sorted_values) - 1)))
+    return sorted_values[index]
+
+
+def _max_of(values: object) -> int | None:
+    present = [v for v in values if v is not None]  # type: ignore[attr-defined]
+    return max(present) if present else None
+
+
+def _gpu_index(device: str) -> int | None:
+    if not device.startswith("cuda"):
+        return None
+    return int(device.split(":")[1]) if ":" in device else 0
+
+
+def _gpu_name(device: str) -> str | None:
+    index = _gpu_index(device)
+    if index is None:
+        return None
+    import torch
+
+    return str(torch.cuda.get_device_name(index))
+
+
+def device_memory(device: str) -> DeviceMemory:
+    """Used/total memory of the worker's GPU as the driver sees it (other processes included)."""
+    index = _gpu_index(device)
+    if index is None:
+        return DeviceMemory()
+    import torch
+
+    free, total = torch.cuda.mem_get_info(index)
+    try:
+        utilization: float | None = float(torch.cuda.utilization(index))
+    except Exception:  # NVML missing or not supported: utilisation stays unknown
+        utilization = None
+    return DeviceMemory(int(total - free), int(total), utilization)
+
