@@ -17,6 +17,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import redis
 import redis.asyncio as aioredis
@@ -50,8 +51,17 @@ class Delivery:
     deliveries: int = 1
 
 
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _entries(reply: Any) -> list[tuple[Any, dict[Any, Any]]]:
+    """The entries of a one-stream XREAD/XREADGROUP reply (RESP2 list or RESP3 map)."""
+    if not reply:
+        return []
+    if isinstance(reply, dict):
+        return list(next(iter(reply.values()))[0])
+    return list(reply[0][1])
 
 
 def ensure_group(client: redis.Redis, keys: Keys) -> None:
@@ -94,12 +104,11 @@ class WorkerQueue:
         reply = self.client.xreadgroup(
             WORKER_GROUP, self.consumer, {self.keys.requests: ">"}, count=count, block=block_ms or None
         )
-        entries = reply[0][1] if reply else []
-        return self._parse(entries, {})
+        return self._parse(_entries(reply), {})
 
     def reclaim(self, count: int) -> list[Delivery]:
         """Take over entries pending longer than the visibility timeout (a dead worker's)."""
-        reply = self.client.xautoclaim(
+        reply: Any = self.client.xautoclaim(
             self.keys.requests, WORKER_GROUP, self.consumer, self.visibility_ms, "0-0", count=count
         )
         entries = [entry for entry in reply[1] if entry and entry[1]]
@@ -111,7 +120,7 @@ class WorkerQueue:
 
     def _delivery_counts(self, entry_ids: list[str]) -> dict[str, int]:
         first, last = min(entry_ids), max(entry_ids)
-        pending = self.client.xpending_range(
+        pending: Any = self.client.xpending_range(
             self.keys.requests, WORKER_GROUP, min=first, max=last, count=len(entry_ids) * 4
         )
         return {_text(p["message_id"]): int(p["times_delivered"]) for p in pending}
@@ -134,14 +143,14 @@ class WorkerQueue:
         """Reset the idle time of entries this worker still holds (a long batch)."""
         if entry_ids:
             self.client.xclaim(
-                self.keys.requests, WORKER_GROUP, self.consumer, 0, entry_ids, justid=True
+                self.keys.requests, WORKER_GROUP, self.consumer, 0, list[Any](entry_ids), justid=True
             )
 
     def release(self, entry_ids: list[str]) -> None:
         """Hand entries back unstarted: idle past the timeout, any worker reclaims them now."""
         if entry_ids:
             self.client.xclaim(
-                self.keys.requests, WORKER_GROUP, self.consumer, 0, entry_ids,
+                self.keys.requests, WORKER_GROUP, self.consumer, 0, list[Any](entry_ids),
                 idle=self.visibility_ms + 1, justid=True,
             )
 
@@ -191,7 +200,7 @@ class WorkerQueue:
         key, last, deadline = self.keys.result(request_id), "0", _Deadline(timeout_s)
         while not deadline.expired():
             reply = self.client.xread({key: last}, block=deadline.block_ms())
-            for entry_id, fields in reply[0][1] if reply else []:
+            for entry_id, fields in _entries(reply):
                 last = _text(entry_id)
                 event = parse_event(fields)
                 if isinstance(event, GenerationResult):
@@ -240,7 +249,7 @@ class GatewayQueue:
         loop_deadline = _Deadline(timeout_s)
         while not loop_deadline.expired():
             reply = await self.client.xread({key: last}, block=loop_deadline.block_ms())
-            for entry_id, fields in reply[0][1] if reply else []:
+            for entry_id, fields in _entries(reply):
                 last = _text(entry_id)
                 event = parse_event(fields)
                 if isinstance(event, GenerationResult):

@@ -10,8 +10,8 @@ from shared.config import CommonSettings
 class GatewaySettings(CommonSettings):
     """Where the gateway listens and the bounds it enforces at the edge."""
 
-    host: str = "127.0.0.1"
-    port: int = Field(default=8000, ge=1, le=65535)
+    gateway_host: str = "127.0.0.1"
+    gateway_port: int = Field(default=8000, ge=1, le=65535)
     # Admission bound: requests are refused with 429 while the stream is this deep.
     max_queue_depth: int = Field(default=1024, ge=1)
     # How long a request may wait for its answer before the client gets a 504.
@@ -21,6 +21,8 @@ class GatewaySettings(CommonSettings):
     # A completion's ``prompt`` may be a list; each item is a separate sequence.
     max_prompts: int = Field(default=64, ge=1)
     max_stop: int = Field(default=4, ge=0)
+    # Refused before tokenizing, so a huge body can't hold the event loop for long.
+    max_prompt_chars: int = Field(default=1_000_000, ge=1)
     # How often the published model is checked for a change (cheap: a hash, not the JSON).
     model_refresh_s: float = Field(default=5.0, gt=0)
     # Batch jobs: the RQ job's time limit and how many of its requests are queued at once.

@@ -1,8 +1,8 @@
 """Errors in OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``.
 
 Routes raise :class:`ApiError`; the handlers installed by :func:`install_handlers` turn it,
-FastAPI's validation errors (400, as OpenAI answers) and anything unexpected (500) into
-that shape, so a client never sees another format.
+FastAPI's validation errors (400, as OpenAI answers), Redis being down (503) and anything
+unexpected (500) into that shape, so a client never sees another format.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger(__name__)
@@ -62,15 +63,29 @@ def no_model() -> ApiError:
     )
 
 
+_TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none"}
+
+
+def _where(loc: list[Any]) -> str:
+    """``messages[0].content`` from pydantic's location, without union member tags."""
+    text = ""
+    for part in loc:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        elif part not in _TYPE_TAGS and "[" not in str(part):
+            text += f".{part}" if text else str(part)
+    return text
+
+
 def _describe(error: dict[str, Any]) -> tuple[str, str | None]:
     """One readable line and the offending parameter of a pydantic error."""
-    loc = [str(part) for part in error.get("loc", ()) if part != "body"]
+    loc = [part for part in error.get("loc", ()) if part != "body"]
     if error.get("type") == "json_invalid":
         return f"request body is not valid JSON: {error.get('msg', '')}", None
-    where = ".".join(loc)
+    where = _where(loc)
     if not where:
         return f"request body: {error.get('msg', 'invalid')}", None
-    return f"{where}: {error.get('msg', 'invalid')}", loc[0]
+    return f"{where}: {error.get('msg', 'invalid')}", str(loc[0])
 
 
 async def _api_error(_: Request, exc: Exception) -> JSONResponse:
@@ -81,8 +96,8 @@ async def _api_error(_: Request, exc: Exception) -> JSONResponse:
 async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     errors = list(exc.errors())
-    messages = [_describe(error) for error in errors[:5]]
-    text = "; ".join(message for message, _ in messages) or "invalid request"
+    messages = [_describe(error) for error in errors[:6]]
+    text = "; ".join(dict.fromkeys(message for message, _ in messages)) or "invalid request"
     param = messages[0][1] if messages else None
     return JSONResponse(error_body(text, "invalid_request_error", param), status_code=400)
 
@@ -92,6 +107,12 @@ async def _http_error(_: Request, exc: Exception) -> JSONResponse:
     type_ = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
     body = error_body(str(exc.detail), type_)
     return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+
+
+async def _redis_down(_: Request, exc: Exception) -> JSONResponse:
+    log.warning("redis error: %s", exc)
+    body = error_body(f"the queue (Redis) is unavailable: {exc}", "service_unavailable")
+    return JSONResponse(body, status_code=503, headers={"Retry-After": "5"})
 
 
 async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
@@ -104,4 +125,5 @@ def install_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(RedisError, _redis_down)
     app.add_exception_handler(Exception, _unexpected)

@@ -12,7 +12,6 @@ from services.worker.config import WorkerSettings
 from services.worker.engine import HFGenerateEngine
 from services.worker.model import load_model, resolve_device, resolve_precision
 from services.worker.service import Worker
-from shared.db import open_records
 from shared.db.writer import RecordWriter
 from shared.logs import setup_logging
 
@@ -27,13 +26,19 @@ def main() -> int:
         import torch
 
         torch.cuda.set_per_process_memory_fraction(settings.gpu_memory_fraction, device)
-    loaded = load_model(settings.model, device, resolve_precision(settings.precision, device),
-                        allow_synthetic_fallback=settings.allow_synthetic_fallback)
+    loaded = load_model(
+        settings.model,
+        device,
+        resolve_precision(settings.precision, device),
+        allow_synthetic_fallback=settings.allow_synthetic_fallback,
+    )
     engine = HFGenerateEngine(loaded, inject_oom_above_tokens=settings.inject_oom_above_tokens)
     client = redis.Redis.from_url(settings.redis_url)
-    writer = RecordWriter(open_records(settings.resolved_database_url()),
-                          spill_dir=settings.data_dir / "spill",
-                          retention_hours=settings.retention_hours)
+    writer = RecordWriter(
+        open_records(settings.resolved_database_url()),
+        spill_dir=settings.data_dir / "spill",
+        retention_hours=settings.retention_hours,
+    )
     worker = Worker(settings, client, writer, loaded, engine)
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: worker.stop())

@@ -1,0 +1,26 @@
+"""Run the gateway: ``python -m services.gateway`` (settings from ``AEGIS_*``)."""
+
+from __future__ import annotations
+
+import uvicorn
+
+from services.gateway.app import create_app
+from services.gateway.config import GatewaySettings
+from shared.logs import setup_logging
+
+
+def main() -> None:
+    settings = GatewaySettings()
+    setup_logging(settings.log_level, settings.log_json, service="gateway")
+    uvicorn.run(
+        create_app(settings),
+        host=settings.gateway_host,
+        port=settings.gateway_port,
+        log_config=None,  # keep the one logging setup
+        access_log=False,
+        timeout_graceful_shutdown=10,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""What the gateway holds while it runs, created by the app's lifespan."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import redis
+import redis.asyncio as aioredis
+from rq import Queue
+
+from services.gateway.catalog import ModelCatalog
+from services.gateway.config import GatewaySettings
+from services.gateway.generation import Generator
+from services.gateway.metrics import GatewayMetrics
+from services.gateway.readiness import DatabaseCheck
+from shared.keys import Keys
+from shared.queue import GatewayQueue
+
+
+@dataclass
+class GatewayState:
+    """Clients and caches shared by every request of one app."""
+
+    settings: GatewaySettings
+    keys: Keys
+    client: aioredis.Redis
+    # RQ speaks sync redis-py only.
+    sync_client: redis.Redis
+    queue: GatewayQueue
+    catalog: ModelCatalog
+    generator: Generator
+    jobs: Queue
+    database: DatabaseCheck
+    metrics: GatewayMetrics
+
+    @classmethod
+    def open(cls, settings: GatewaySettings, metrics: GatewayMetrics) -> GatewayState:
+        keys = Keys(settings.key_prefix)
+        client = aioredis.Redis.from_url(settings.redis_url)
+        sync_client = redis.Redis.from_url(settings.redis_url)
+        queue = GatewayQueue(client, keys, settings.max_queue_depth)
+        return cls(
+            settings=settings,
+            keys=keys,
+            client=client,
+            sync_client=sync_client,
+            queue=queue,
+            catalog=ModelCatalog(client, keys, settings.model_refresh_s),
+            generator=Generator(queue, metrics, settings.request_timeout_s, settings.retry_after_s),
+            jobs=Queue(keys.rq_queue, connection=sync_client),
+            database=DatabaseCheck(settings.resolved_database_url()),
+            metrics=metrics,
+        )
+
+    async def close(self) -> None:
+        await self.client.aclose()
+        self.sync_client.close()
+        self.database.close()
