@@ -53,13 +53,6 @@ def service_argv(name: str, settings: CommonSettings) -> list[str]:
     if name == "jobs":
         queue = Keys(settings.key_prefix).rq_queue
         return [python, "-m", "rq.cli", "worker", "--url", settings.redis_url, "--quiet", queue]
-    if name == "dashboard":
-        from services.dashboard.config import DashboardSettings
-
-        port = str(DashboardSettings().port)
-        app = str(ROOT / "services" / "dashboard" / "app.py")
-        return [python, "-m", "streamlit", "run", app, "--server.headless", "true",
-                "--server.port", port, "--browser.gatherUsageStats", "false"]
     return [python, "-m", f"services.{name}"]
 
 
@@ -129,8 +122,12 @@ class Supervisor:
                 ran_s = now - child.started_at
                 child.restarts = 0 if ran_s > 60 else child.restarts + 1
                 delay = min(30.0, 0.5 * 2**child.restarts)
-                log.warning("%s exited with %s; restarting in %.1fs", child.name,
-                            child.process.returncode, delay)
+                log.warning(
+                    "%s exited with %s; restarting in %.1fs",
+                    child.name,
+                    child.process.returncode,
+                    delay,
+                )
                 child.next_start = now + delay
             elif now >= child.next_start:
                 child.next_start = 0.0

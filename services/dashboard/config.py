@@ -10,8 +10,9 @@ from shared.config import CommonSettings
 class DashboardSettings(CommonSettings):
     """Where the dashboard listens, how often it refreshes, and its default time window."""
 
-    # Port for `streamlit run --server.port`; Streamlit itself reads its own flag.
-    port: int = Field(default=8501, ge=1, le=65535)
+    # Where `python -m services.dashboard` makes Streamlit listen.
+    dashboard_host: str = "127.0.0.1"
+    dashboard_port: int = Field(default=8501, ge=1, le=65535)
     refresh_s: float = Field(default=2.0, gt=0)
     window_minutes: float = Field(default=15.0, gt=0)
     # Rows fetched per table and refresh: keeps a 24 h window cheap to draw.

@@ -113,8 +113,9 @@ class Headline:
     """The numbers at the top of the page, over the filtered window.
 
     ``tokens_per_s`` sums each worker's latest cycle (total throughput now); batch
-    size, precision and settings version list each worker's latest value (one value
-    when they agree); ``queue_depth`` is the most recent reading of any worker.
+    size, precision and settings version list the distinct values of the workers'
+    latest cycles, joined by "/" (one value when they agree; ``per_worker`` says
+    which is whose); ``queue_depth`` is the most recent reading of any worker.
     """
 
     tokens_per_s: float | None
@@ -124,6 +125,7 @@ class Headline:
     oom_count: int
     queue_depth: int | None
     last_cycle_ts: float | None
+    per_worker: str = ""
 
 
 def _distinct(values: Iterable[Any]) -> str:
@@ -133,7 +135,7 @@ def _distinct(values: Iterable[Any]) -> str:
         text = str(value)
         if text not in seen:
             seen.append(text)
-    return " / ".join(seen) if seen else "-"
+    return "/".join(seen) if seen else "-"
 
 
 def headline(cycles: pd.DataFrame, ooms: pd.DataFrame) -> Headline:
@@ -151,6 +153,10 @@ def headline(cycles: pd.DataFrame, ooms: pd.DataFrame) -> Headline:
         oom_count=len(ooms),
         queue_depth=None if pd.isna(last["queue_depth"]) else int(last["queue_depth"]),
         last_cycle_ts=float(last["ts"]),
+        per_worker="; ".join(
+            f"{r.worker_id}: batch {r.batch_size}, {r.precision}, v{r.settings_version}"
+            for r in latest.itertuples()
+        ),
     )
 
 

@@ -1,0 +1,203 @@
+"""The agent service on a real Redis, recording to a real SQLite file."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from services.agent.config import AgentSettings
+from services.agent.service import AgentService
+from shared.control import ControlStore
+from shared.db import Records, RecordWriter, open_records
+from shared.events import publish_event
+from shared.keys import Keys
+from shared.schemas import (
+    CycleStats,
+    GpuSample,
+    OomEvent,
+    TelemetrySample,
+    WorkerInfo,
+    dump,
+)
+
+GIB = 1 << 30
+WORKER = "w1"
+PID = os.getpid()
+
+
+@pytest.fixture
+def records(tmp_path: Path) -> Iterator[Records]:
+    store = open_records(f"sqlite:///{tmp_path / 'aegis.db'}")
+    yield store
+    store.close()
+
+
+@pytest.fixture
+def writer(records: Records) -> Iterator[RecordWriter]:
+    w = RecordWriter(records, flush_interval_s=0.05)
+    yield w
+    w.close()
+
+
+def settings_for(key_prefix: str, redis_url: str) -> AgentSettings:
+    return AgentSettings(
+        redis_url=redis_url,
+        key_prefix=key_prefix,
+        grow_cooldown_s=0.0,
+        grow_cooldown_cycles=2,
+        default_batch_size=8,
+    )
+
+
+def cycle(batch: int, version: int, peak: int = 4 * GIB) -> CycleStats:
+    return CycleStats(
+        worker_id=WORKER, gpu_index=0, settings_version=version, batch_size=batch,
+        max_prompt_len=200, mean_prompt_len=150, max_new_tokens=100, precision="bf16",
+        max_seq_len=2048, tokens_generated=batch * 100, tokens_per_s=50.0 * batch,
+        latency_s=1.0, padding_ratio=0.1, memory_peak_bytes=peak, queue_depth=20,
+    )  # fmt: skip
+
+
+def telemetry(used: int, worker_bytes: int, other_bytes: int = 0) -> TelemetrySample:
+    procs = {PID: worker_bytes} | ({PID + 1: other_bytes} if other_bytes else {})
+    gpu = GpuSample(
+        index=0, name="H100", memory_used_bytes=used, memory_total_bytes=80 * GIB,
+        process_memory_bytes=procs,
+    )  # fmt: skip
+    return TelemetrySample(host="gpu-host", gpu="nvml", gpus=[gpu])
+
+
+def announce(client: redis.Redis, keys: Keys) -> None:
+    info = WorkerInfo(
+        worker_id=WORKER, host="gpu-host", pid=PID, device="cuda:0", gpu_index=0,
+        model="synthetic:tiny", synthetic=True,
+    )  # fmt: skip
+    client.hset(keys.workers, WORKER, dump(info))
+
+
+def send_telemetry(client: redis.Redis, keys: Keys, sample: TelemetrySample) -> None:
+    client.xadd(keys.telemetry_stream, {"data": dump(sample)})
+
+
+def test_events_and_telemetry_become_versioned_settings_and_records(
+    redis_client: redis.Redis,
+    keys: Keys,
+    key_prefix: str,
+    redis_url: str,
+    writer: RecordWriter,
+    records: Records,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    announce(redis_client, keys)
+    service = AgentService(settings_for(key_prefix, redis_url), redis_client, writer)
+    pubsub = redis_client.pubsub()
+    pubsub.subscribe(keys.control_channel)
+    assert pubsub.get_message(timeout=2.0) is not None  # subscribe confirmation
+
+    send_telemetry(redis_client, keys, telemetry(used=5 * GIB, worker_bytes=5 * GIB))
+    for _ in range(2):
+        publish_event(redis_client, keys, cycle(8, version=1), maxlen=1000)
+    with caplog.at_level(logging.INFO, logger="services.agent.service"):
+        made = service.step(block_ms=200)
+
+    store = ControlStore(redis_client, keys)
+    current = store.read(WORKER)
+    assert current is not None
+    # Version 1: defaults written on discovery; version 2: the agent's decision.
+    assert current.version == 2
+    assert current.batch_size > 8 and current.reason == made[0].reason
+    assert [d.action.value for d in made] == ["grow"]
+    assert made[0].before.version == 1 and made[0].after.version == 2
+    memory_pct = made[0].inputs["memory_pct"]
+    assert isinstance(memory_pct, float) and memory_pct < 60
+    notes = [pubsub.get_message(timeout=2.0) for _ in range(2)]
+    pubsub.close()
+    assert [n["data"] for n in notes if n] == [WORKER.encode(), WORKER.encode()]
+    line = next(r.getMessage() for r in caplog.records if "batch 8->" in r.getMessage())
+    assert line.startswith(f"worker {WORKER} v2: batch 8->") and "memory" in line
+
+    assert writer.flush(timeout=5.0)
+    rows = records.fetch("decisions", worker_id=WORKER)
+    assert len(rows) == 1
+    assert rows[0]["action"] == "grow"
+    assert rows[0]["batch_size_before"] == 8
+    assert rows[0]["batch_size_after"] == current.batch_size
+    assert rows[0]["version_after"] == 2
+
+
+def test_oom_and_neighbour_shrink(
+    redis_client: redis.Redis, keys: Keys, key_prefix: str, redis_url: str
+) -> None:
+    announce(redis_client, keys)
+    store = ControlStore(redis_client, keys)
+    store.write(WORKER, store.read(WORKER) or AgentSettings().default_settings())
+    start = store.read(WORKER)
+    assert start is not None and start.version == 1
+    service = AgentService(settings_for(key_prefix, redis_url), redis_client)
+
+    oom = OomEvent(
+        worker_id=WORKER, batch_size=8, max_prompt_len=200, max_new_tokens=100,
+        precision="bf16", settings_version=1, recovered=True, action="split",
+    )  # fmt: skip
+    publish_event(redis_client, keys, oom, maxlen=1000)
+    made = service.step(block_ms=200)
+    assert [d.action.value for d in made] == ["halve"]
+    after_oom = store.read(WORKER)
+    assert after_oom is not None and (after_oom.version, after_oom.batch_size) == (2, 4)
+
+    # Steady state on a roomy GPU, then a neighbour takes 70 GiB: no new cycle needed.
+    send_telemetry(redis_client, keys, telemetry(used=4 * GIB, worker_bytes=4 * GIB))
+    publish_event(redis_client, keys, cycle(4, version=2, peak=3 * GIB), maxlen=1000)
+    service.step(block_ms=200)
+    send_telemetry(redis_client, keys, telemetry(74 * GIB, 4 * GIB, other_bytes=70 * GIB))
+    made = service.step(block_ms=200)
+    assert [d.action.value for d in made] == ["shrink"]
+    assert "other processes" in made[0].reason
+    final = store.read(WORKER)
+    assert final is not None and final.version == 3 and final.batch_size < 4
+
+
+def test_bad_entries_are_skipped(
+    redis_client: redis.Redis,
+    keys: Keys,
+    key_prefix: str,
+    redis_url: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    service = AgentService(settings_for(key_prefix, redis_url), redis_client)
+    redis_client.xadd(keys.events_stream, {"kind": "cycle", "data": "{not json"})
+    redis_client.xadd(keys.events_stream, {"kind": "mystery", "data": "{}"})
+    redis_client.xadd(keys.telemetry_stream, {"data": '{"gpu": "warp"}'})
+    with caplog.at_level(logging.WARNING, logger="services.agent.service"):
+        assert service.step(block_ms=200) == []
+    assert len([r for r in caplog.records if "skipping" in r.getMessage()]) == 3
+    publish_event(redis_client, keys, cycle(8, version=1), maxlen=1000)
+    service.step(block_ms=200)
+    assert WORKER in service.workers  # still reading after the bad entries
+
+
+def test_old_events_are_not_replayed_and_run_stops(
+    redis_client: redis.Redis, keys: Keys, key_prefix: str, redis_url: str
+) -> None:
+    old = OomEvent(
+        worker_id=WORKER, batch_size=8, max_prompt_len=200, max_new_tokens=100,
+        precision="bf16", settings_version=1, recovered=True, action="split",
+    )  # fmt: skip
+    publish_event(redis_client, keys, old, maxlen=1000)
+    settings = settings_for(key_prefix, redis_url).model_copy(update={"agent_poll_ms": 50})
+    service = AgentService(settings, redis_client)
+    thread = threading.Thread(target=service.run)
+    thread.start()
+    time.sleep(0.3)
+    service.stop()
+    thread.join(timeout=3.0)
+    assert not thread.is_alive()
+    assert service.workers == {}  # the OOM from before the agent started is history
+    assert ControlStore(redis_client, keys).read(WORKER) is None
