@@ -13,10 +13,16 @@ from shared.schemas import CycleStats, OomEvent, dump, load
 KINDS: dict[str, type[CycleStats] | type[OomEvent]] = {"cycle": CycleStats, "oom": OomEvent}
 
 
-def publish_event(client: redis.Redis, keys: Keys, event: CycleStats | OomEvent, maxlen: int) -> None:
+def publish_event(
+    client: redis.Redis, keys: Keys, event: CycleStats | OomEvent, maxlen: int
+) -> None:
     """Append an event; the stream keeps about ``maxlen`` entries."""
-    client.xadd(keys.events_stream, {"kind": event.type, "data": dump(event)}, maxlen=maxlen,
-                approximate=True)
+    client.xadd(
+        keys.events_stream,
+        {"kind": event.type, "data": dump(event)},
+        maxlen=maxlen,
+        approximate=True,
+    )
 
 
 def parse_event(fields: dict[bytes, bytes]) -> CycleStats | OomEvent | None:

@@ -102,7 +102,11 @@ class WorkerQueue:
 
     def _read_new(self, count: int, block_ms: int) -> list[Delivery]:
         reply = self.client.xreadgroup(
-            WORKER_GROUP, self.consumer, {self.keys.requests: ">"}, count=count, block=block_ms or None
+            WORKER_GROUP,
+            self.consumer,
+            {self.keys.requests: ">"},
+            count=count,
+            block=block_ms or None,
         )
         return self._parse(_entries(reply), {})
 
@@ -143,15 +147,25 @@ class WorkerQueue:
         """Reset the idle time of entries this worker still holds (a long batch)."""
         if entry_ids:
             self.client.xclaim(
-                self.keys.requests, WORKER_GROUP, self.consumer, 0, list[Any](entry_ids), justid=True
+                self.keys.requests,
+                WORKER_GROUP,
+                self.consumer,
+                0,
+                list[Any](entry_ids),
+                justid=True,
             )
 
     def release(self, entry_ids: list[str]) -> None:
         """Hand entries back unstarted: idle past the timeout, any worker reclaims them now."""
         if entry_ids:
             self.client.xclaim(
-                self.keys.requests, WORKER_GROUP, self.consumer, 0, list[Any](entry_ids),
-                idle=self.visibility_ms + 1, justid=True,
+                self.keys.requests,
+                WORKER_GROUP,
+                self.consumer,
+                0,
+                list[Any](entry_ids),
+                idle=self.visibility_ms + 1,
+                justid=True,
             )
 
     def is_done(self, request_id: str) -> bool:
@@ -171,7 +185,9 @@ class WorkerQueue:
 
     def publish_result(self, result: GenerationResult) -> bool:
         """Publish the final answer once; False when another delivery already did."""
-        if not self.client.set(self.keys.done(result.request_id), "1", nx=True, ex=self.result_ttl_s):
+        if not self.client.set(
+            self.keys.done(result.request_id), "1", nx=True, ex=self.result_ttl_s
+        ):
             return False
         key = self.keys.result(result.request_id)
         pipe = self.client.pipeline(transaction=False)
@@ -256,9 +272,11 @@ class GatewayQueue:
                     yield event
                     return
                 if event.offset + len(event.text) > sent:
-                    new_text = event.text[max(0, sent - event.offset):]
+                    new_text = event.text[max(0, sent - event.offset) :]
                     sent = event.offset + len(event.text)
-                    yield TokenDelta(request_id=request_id, offset=sent - len(new_text), text=new_text)
+                    yield TokenDelta(
+                        request_id=request_id, offset=sent - len(new_text), text=new_text
+                    )
         raise TimeoutError(f"no answer to request {request_id} within {timeout_s:.0f}s")
 
 

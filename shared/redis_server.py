@@ -27,7 +27,9 @@ class RedisUnavailable(RuntimeError):
 def answers(url: str, timeout_s: float = 1.0) -> bool:
     """Whether a Redis server answers PING at ``url``."""
     try:
-        client = redis.Redis.from_url(url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s)
+        client = redis.Redis.from_url(
+            url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s
+        )
         return bool(client.ping())
     except (redis.ConnectionError, redis.TimeoutError, OSError):
         return False
@@ -43,7 +45,8 @@ def ensure_redis(url: str, data_dir: Path, wait_s: float = 10.0) -> subprocess.P
     parsed = urlparse(url)
     if parsed.hostname not in LOCAL_HOSTS:
         raise RedisUnavailable(
-            f"Redis does not answer at {url}; start it there or point AEGIS_REDIS_URL at one that runs"
+            f"Redis does not answer at {url}; start it there "
+            "or point AEGIS_REDIS_URL at a server that runs"
         )
     binary = shutil.which("redis-server")
     if binary is None:
@@ -53,8 +56,19 @@ def ensure_redis(url: str, data_dir: Path, wait_s: float = 10.0) -> subprocess.P
         )
     data_dir.mkdir(parents=True, exist_ok=True)
     port = parsed.port or 6379
-    cmd = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-           "--dir", str(data_dir.resolve())]
+    cmd = [
+        binary,
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--dir",
+        str(data_dir.resolve()),
+    ]
     log.warning("Redis does not answer at %s: starting a local redis-server on port %d", url, port)
     process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + wait_s

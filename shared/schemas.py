@@ -7,7 +7,7 @@ is a loose dict.
 from __future__ import annotations
 
 import time
-from enum import Enum
+from enum import StrEnum
 from typing import Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -196,7 +196,7 @@ class OomEvent(_Wire):
     message: str = ""
 
 
-class DecisionAction(str, Enum):
+class DecisionAction(StrEnum):
     GROW = "grow"
     SHRINK = "shrink"
     HOLD = "hold"
@@ -248,4 +248,5 @@ class WorkerInfo(_Wire):
     gpu_name: str | None = None
     model: str
     synthetic: bool
+    context_length: int | None = None
     started_at: float = Field(default_factory=now)

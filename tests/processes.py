@@ -30,8 +30,9 @@ class Service:
         self.log_path = log_dir / f"{name}.log"
         self._log = self.log_path.open("wb")
         full_env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
-        self.process = subprocess.Popen(argv, cwd=ROOT, env=full_env, stdout=self._log,
-                                        stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(
+            argv, cwd=ROOT, env=full_env, stdout=self._log, stderr=subprocess.STDOUT
+        )
 
     def log(self) -> str:
         self._log.flush()
@@ -61,15 +62,18 @@ def python_module(module: str) -> list[str]:
     return [sys.executable, "-m", module]
 
 
-def wait_for(condition: Callable[[], bool], timeout_s: float, what: str,
-             service: Service | None = None) -> None:
+def wait_for(
+    condition: Callable[[], bool], timeout_s: float, what: str, service: Service | None = None
+) -> None:
     """Poll ``condition`` until true; fail with the service's log when it never is."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if condition():
             return
         if service is not None and not service.alive():
-            raise AssertionError(f"{service.name} exited while waiting for {what}:\n{service.log()}")
+            raise AssertionError(
+                f"{service.name} exited while waiting for {what}:\n{service.log()}"
+            )
         time.sleep(0.2)
     detail = f"\n--- {service.name} log ---\n{service.log()}" if service else ""
     raise AssertionError(f"timed out after {timeout_s}s waiting for {what}{detail}")

@@ -19,15 +19,24 @@ pytestmark = pytest.mark.slow
 
 
 def _worker(name: str, env: dict[str, str], tmp: Path, **extra: str) -> Service:
-    worker_env = {**env, "AEGIS_WORKER_ID": name, "AEGIS_MODEL": "synthetic:tiny",
-                  "AEGIS_DEVICE": "cpu", **extra}
+    worker_env = {
+        **env,
+        "AEGIS_WORKER_ID": name,
+        "AEGIS_MODEL": "synthetic:tiny",
+        "AEGIS_DEVICE": "cpu",
+        **extra,
+    }
     return Service(name, python_module("services.worker"), worker_env, tmp)
 
 
 @pytest.fixture
 def system_env(aegis_env: dict[str, str], tmp_path: Path) -> dict[str, str]:
-    return {**aegis_env, "AEGIS_DATABASE_URL": f"sqlite:///{tmp_path / 'records.db'}",
-            "AEGIS_GATEWAY_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}
+    return {
+        **aegis_env,
+        "AEGIS_DATABASE_URL": f"sqlite:///{tmp_path / 'records.db'}",
+        "AEGIS_GATEWAY_PORT": str(free_port()),
+        "OMP_NUM_THREADS": "1",
+    }
 
 
 @pytest.fixture
@@ -52,8 +61,9 @@ def test_completions_are_batched_and_recorded(
         client = _client(gateway)
 
         def complete(i: int) -> openai.types.Completion:
-            return client.completions.create(model="any", prompt=f"request {i} " * (1 + i % 7),
-                                             max_tokens=8, temperature=0)
+            return client.completions.create(
+                model="any", prompt=f"request {i} " * (1 + i % 7), max_tokens=8, temperature=0
+            )
 
         with ThreadPoolExecutor(64) as pool:
             answers = list(pool.map(complete, range(64)))
@@ -61,10 +71,12 @@ def test_completions_are_batched_and_recorded(
         assert all(a.usage.completion_tokens >= 1 for a in answers)
         assert all(a.model.startswith("synthetic:tiny") for a in answers)
         chat = client.chat.completions.create(
-            model="any", messages=[{"role": "user", "content": "hello"}], max_tokens=5)
+            model="any", messages=[{"role": "user", "content": "hello"}], max_tokens=5
+        )
         assert chat.choices[0].message.role == "assistant"
-        streamed = client.completions.create(model="any", prompt="stream me", max_tokens=6,
-                                             temperature=0, stream=True)
+        streamed = client.completions.create(
+            model="any", prompt="stream me", max_tokens=6, temperature=0, stream=True
+        )
         pieces = [chunk.choices[0].text for chunk in streamed if chunk.choices]
         assert len(pieces) >= 2
     finally:
@@ -81,8 +93,11 @@ def test_completions_are_batched_and_recorded(
 def test_a_killed_worker_loses_no_request(
     gateway: str, system_env: dict[str, str], tmp_path: Path
 ) -> None:
-    fast_reclaim = {"AEGIS_VISIBILITY_TIMEOUT_S": "3", "AEGIS_CLAIM_REFRESH_S": "0.5",
-                    "AEGIS_BATCH_SIZE": "8"}
+    fast_reclaim = {
+        "AEGIS_VISIBILITY_TIMEOUT_S": "3",
+        "AEGIS_CLAIM_REFRESH_S": "0.5",
+        "AEGIS_BATCH_SIZE": "8",
+    }
     doomed = _worker("w-doomed", system_env, tmp_path, **fast_reclaim)
     wait_for(http_ok(f"{gateway}/ready"), 120, "model published", doomed)
     keys = Keys(system_env["AEGIS_KEY_PREFIX"])
@@ -90,8 +105,9 @@ def test_a_killed_worker_loses_no_request(
     openai_client = _client(gateway)
 
     def complete(i: int) -> str:
-        answer = openai_client.completions.create(model="any", prompt=f"long job {i}",
-                                                  max_tokens=400, temperature=0)
+        answer = openai_client.completions.create(
+            model="any", prompt=f"long job {i}", max_tokens=400, temperature=0
+        )
         return answer.choices[0].text
 
     with ThreadPoolExecutor(16) as pool:

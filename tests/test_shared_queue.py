@@ -19,12 +19,21 @@ def _request(i: int) -> GenerationRequest:
 
 def _result(request_id: str, text: str = "out") -> GenerationResult:
     return GenerationResult(
-        request_id=request_id, text=text, finish_reason="stop", prompt_tokens=3,
-        completion_tokens=1, model="m", worker_id="w", queued_at=0.0, started_at=0.0,
+        request_id=request_id,
+        text=text,
+        finish_reason="stop",
+        prompt_tokens=3,
+        completion_tokens=1,
+        model="m",
+        worker_id="w",
+        queued_at=0.0,
+        started_at=0.0,
     )
 
 
-def test_pull_takes_up_to_count_and_ack_empties_the_backlog(redis_client: redis.Redis, keys: Keys) -> None:
+def test_pull_takes_up_to_count_and_ack_empties_the_backlog(
+    redis_client: redis.Redis, keys: Keys
+) -> None:
     queue = WorkerQueue(redis_client, keys, "w1")
     for i in range(5):
         queue.submit(_request(i))
@@ -72,7 +81,9 @@ def test_a_result_is_published_once(redis_client: redis.Redis, keys: Keys) -> No
     assert got is not None and got.text == "first"
 
 
-def test_gateway_admission_and_event_stream(redis_client: redis.Redis, keys: Keys, redis_url: str) -> None:
+def test_gateway_admission_and_event_stream(
+    redis_client: redis.Redis, keys: Keys, redis_url: str
+) -> None:
     worker = WorkerQueue(redis_client, keys, "w")
 
     async def scenario() -> list[str]:
@@ -85,12 +96,14 @@ def test_gateway_admission_and_event_stream(redis_client: redis.Redis, keys: Key
         except QueueFull as exc:
             assert exc.depth == 1
         # A redelivery resends "Hel" after "Hello" was streamed: only new text passes.
-        worker.publish_deltas([
-            TokenDelta(request_id="r1", offset=0, text="Hel"),
-            TokenDelta(request_id="r1", offset=3, text="lo"),
-            TokenDelta(request_id="r1", offset=0, text="Hel"),
-            TokenDelta(request_id="r1", offset=3, text="lo!"),
-        ])
+        worker.publish_deltas(
+            [
+                TokenDelta(request_id="r1", offset=0, text="Hel"),
+                TokenDelta(request_id="r1", offset=3, text="lo"),
+                TokenDelta(request_id="r1", offset=0, text="Hel"),
+                TokenDelta(request_id="r1", offset=3, text="lo!"),
+            ]
+        )
         worker.publish_result(_result("r1", "Hello!"))
         seen = [e.text async for e in gateway.events("r1", timeout_s=2)]
         await client.aclose()

@@ -471,13 +471,14 @@ class AgentPolicy:
         s = state.settings
         # Each cap doubles the calm needed before relaxing (up to 16x): no cap/relax cycle.
         wait = cfg.seq_relax_s * 2 ** min(4, max(0, state.seq_caps - 1))
-        if s.max_seq_len >= cfg.max_seq_len or ctx.now - state.last_degraded_ts < wait:
+        ceiling = min(cfg.max_seq_len, state.context_length or cfg.max_seq_len)
+        if s.max_seq_len >= ceiling or ctx.now - state.last_degraded_ts < wait:
             return None
         if ctx.pressure is not None and ctx.pressure >= cfg.low_watermark:
             return None
         if not self._cooled(state, ctx.now, grow=True):
             return None
-        cap = min(cfg.max_seq_len, s.max_seq_len * 2)
+        cap = min(ceiling, s.max_seq_len * 2)
         if s.batch_size > self._oom_limit(state, cap):
             return None
         if ctx.memory is not None and ctx.budget is not None:

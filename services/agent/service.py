@@ -168,6 +168,8 @@ class AgentService:
             model = MemoryModel(prior=self.settings.prior())
             state = WorkerControlState(worker_id, settings, model=model)
             worker = self.workers[worker_id] = _Worker(state, self._info(worker_id))
+            if worker.info is not None:
+                state.context_length = worker.info.context_length
             log.info(
                 "worker %s found: v%d batch %d, %s, max_seq_len %d",
                 worker_id, settings.version, settings.batch_size, settings.precision,
@@ -225,6 +227,7 @@ class AgentService:
                 continue
             if worker.info is None:  # announced after its first event, perhaps
                 worker.info = self._info(worker_id)
+                worker.state.context_length = worker.info.context_length if worker.info else None
             obs = Observation(now, self.memory_of(worker), worker.cycles, worker.ooms)
             worker.cycles, worker.ooms = [], []
             decision = self.policy.decide(worker.state, obs)

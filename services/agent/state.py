@@ -142,6 +142,8 @@ class WorkerControlState:
     last_other_bytes: int | None = None
     last_degraded_ts: float = -math.inf
     seq_caps: int = 0  # times the length was capped: each makes relaxing wait longer
+    # The served model's context: the worker never runs longer, so relaxing stops there.
+    context_length: int | None = None
 
     def __post_init__(self) -> None:
         self.version_batch[self.settings.version] = self.settings.batch_size

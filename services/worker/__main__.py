@@ -34,9 +34,10 @@ def main() -> int:
     )
     engine = HFGenerateEngine(loaded, inject_oom_above_tokens=settings.inject_oom_above_tokens)
     client = redis.Redis.from_url(settings.redis_url)
+    # Given a URL, the writer opens the database itself and retries while it is down.
     writer = RecordWriter(
-        open_records(settings.resolved_database_url()),
-        spill_dir=settings.data_dir / "spill",
+        settings.resolved_database_url(),
+        spill_dir=settings.data_dir / "spill" / settings.worker_id,
         retention_hours=settings.retention_hours,
     )
     worker = Worker(settings, client, writer, loaded, engine)

@@ -12,7 +12,6 @@ import os
 import socket
 import statistics
 import threading
-import time
 from dataclasses import dataclass
 
 import redis
@@ -69,7 +68,9 @@ class Worker:
         self.engine = engine
         self.keys = Keys(settings.key_prefix)
         self.queue = WorkerQueue(
-            client, self.keys, settings.consumer_name,
+            client,
+            self.keys,
+            settings.consumer_name,
             visibility_timeout_s=settings.visibility_timeout_s,
             max_deliveries=settings.max_deliveries,
         )
@@ -104,18 +105,24 @@ class Worker:
         info = model_info(self.loaded)
         self.client.set(self.keys.model_info, dump(info))
         worker = WorkerInfo(
-            worker_id=self.settings.worker_id, host=socket.gethostname(), pid=os.getpid(),
-            device=self.loaded.device, gpu_index=_gpu_index(self.loaded.device),
-            gpu_name=_gpu_name(self.loaded.device), model=self.loaded.name,
+            worker_id=self.settings.worker_id,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            device=self.loaded.device,
+            gpu_index=_gpu_index(self.loaded.device),
+            gpu_name=_gpu_name(self.loaded.device),
+            model=self.loaded.name,
             synthetic=self.loaded.synthetic,
+            context_length=self.loaded.context_length,
         )
         self.client.hset(self.keys.workers, self.settings.worker_id, dump(worker))
         self.writer.submit(worker)
         self._beat()
 
     def _beat(self) -> None:
-        self.client.set(self.keys.worker_alive(self.settings.worker_id), "1",
-                        ex=self.settings.heartbeat_ttl_s)
+        self.client.set(
+            self.keys.worker_alive(self.settings.worker_id), "1", ex=self.settings.heartbeat_ttl_s
+        )
 
     def _heartbeat(self) -> None:
         """Keep the liveness key and the claims on held requests fresh."""
@@ -174,8 +181,14 @@ class Worker:
             log.info("precision %s -> %s: %s", change.before, change.after, change.describe())
         max_seq = min(settings.max_seq_len, self.loaded.context_length)
         self.applied = settings.model_copy(update={"max_seq_len": max_seq})
-        log.info("settings v%d applied: batch %d, max_seq_len %d, %s (%s)", settings.version,
-                 settings.batch_size, max_seq, settings.precision, settings.reason)
+        log.info(
+            "settings v%d applied: batch %d, max_seq_len %d, %s (%s)",
+            settings.version,
+            settings.batch_size,
+            max_seq,
+            settings.precision,
+            settings.reason,
+        )
 
     def _fill_buffer(self, settings: ControlSettings) -> None:
         want = int(settings.batch_size * self.settings.lookahead_factor) - len(self.buffer)
@@ -200,11 +213,20 @@ class Worker:
 
     def _fail(self, delivery: Delivery, error: str) -> None:
         request = delivery.request
-        self.queue.publish_result(GenerationResult(
-            request_id=request.id, text="", finish_reason="error", prompt_tokens=request.prompt_len,
-            completion_tokens=0, model=self.loaded.name, worker_id=self.settings.worker_id,
-            queued_at=request.enqueued_at, started_at=now(), error=error,
-        ))
+        self.queue.publish_result(
+            GenerationResult(
+                request_id=request.id,
+                text="",
+                finish_reason="error",
+                prompt_tokens=request.prompt_len,
+                completion_tokens=0,
+                model=self.loaded.name,
+                worker_id=self.settings.worker_id,
+                queued_at=request.enqueued_at,
+                started_at=now(),
+                error=error,
+            )
+        )
         self.queue.ack([delivery.entry_id])
         log.error("request %s failed: %s", request.id, error)
 
@@ -225,31 +247,46 @@ class Worker:
         def run(part: list[GenerationRequest]) -> BatchOutcome:
             return self.engine.run(part, limits, on_text=self.queue.publish_deltas)
 
-        self._outcomes = run_with_oom_guard(run, requests, on_oom=self._on_oom)
+        self._outcomes = run_with_oom_guard(
+            run, requests, on_oom=self._on_oom, on_fail=self.engine.fail
+        )
         return [o for outcome in self._outcomes for o in outcome.results]
 
     def _on_oom(self, info: OomInfo) -> None:
         self._oom_events += 1
         event = OomEvent(
-            worker_id=self.settings.worker_id, gpu_index=_gpu_index(self.loaded.device),
-            batch_size=info.batch_size, max_prompt_len=info.max_prompt_len,
-            max_new_tokens=info.max_new_tokens, precision=self.applied.precision,
-            settings_version=self.applied.version, recovered=info.recovered,
-            action=info.action, message=info.message,
+            worker_id=self.settings.worker_id,
+            gpu_index=_gpu_index(self.loaded.device),
+            batch_size=info.batch_size,
+            max_prompt_len=info.max_prompt_len,
+            max_new_tokens=info.max_new_tokens,
+            precision=self.applied.precision,
+            settings_version=self.applied.version,
+            recovered=info.recovered,
+            action=info.action,
+            message=info.message,
         )
-        log.warning("OOM at batch %d (prompt %d, new %d): %s", info.batch_size,
-                    info.max_prompt_len, info.max_new_tokens, info.action)
+        log.warning(
+            "OOM at batch %d (prompt %d, new %d): %s",
+            info.batch_size,
+            info.max_prompt_len,
+            info.max_new_tokens,
+            info.action,
+        )
         publish_event(self.client, self.keys, event, self.settings.events_maxlen)
         self.writer.submit(event)
 
     def _answer(
-        self, batch: list[Delivery], results: list[RequestOutcome], settings: ControlSettings,
+        self,
+        batch: list[Delivery],
+        results: list[RequestOutcome],
+        settings: ControlSettings,
         started: float,
     ) -> None:
         by_id = {r.request_id: r for r in results}
         for delivery in batch:
             outcome = by_id[delivery.request.id]
-            result = self._result(delivery.request, outcome, started)
+            result = outcome.to_result(delivery.request, self.loaded.name, self.settings.worker_id)
             if self.queue.publish_result(result):
                 self.writer.submit(self._request_record(delivery.request, result, settings))
         self.queue.ack([d.entry_id for d in batch])
@@ -257,48 +294,61 @@ class Worker:
             self.inflight = []
         self._record_cycle(batch, results, settings, started)
 
-    def _result(self, request: GenerationRequest, outcome: RequestOutcome, started: float) -> GenerationResult:
-        return GenerationResult(
-            request_id=request.id, text=outcome.text, finish_reason=outcome.finish_reason,
-            prompt_tokens=request.prompt_len, completion_tokens=outcome.completion_tokens,
-            model=self.loaded.name, worker_id=self.settings.worker_id,
-            queued_at=request.enqueued_at, started_at=started,
-            first_token_at=outcome.first_token_at, note=outcome.note, error=outcome.error,
-        )
-
     def _request_record(
         self, request: GenerationRequest, result: GenerationResult, settings: ControlSettings
     ) -> RequestRecord:
         return RequestRecord(
-            request_id=request.id, worker_id=self.settings.worker_id, kind=request.kind,
-            prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
-            finish_reason=result.finish_reason, queued_at=result.queued_at,
-            started_at=result.started_at, first_token_at=result.first_token_at,
-            finished_at=result.finished_at, settings_version=settings.version,
+            request_id=request.id,
+            worker_id=self.settings.worker_id,
+            kind=request.kind,
+            prompt_tokens=result.prompt_tokens,
+            completion_tokens=result.completion_tokens,
+            finish_reason=result.finish_reason,
+            queued_at=result.queued_at,
+            started_at=result.started_at,
+            first_token_at=result.first_token_at,
+            finished_at=result.finished_at,
+            settings_version=settings.version,
         )
 
     def _record_cycle(
-        self, batch: list[Delivery], results: list[RequestOutcome], settings: ControlSettings,
+        self,
+        batch: list[Delivery],
+        results: list[RequestOutcome],
+        settings: ControlSettings,
         started: float,
     ) -> None:
         stats = cycle_stats(self._outcomes, batch, started)
         memory = device_memory(self.loaded.device)
         cycle = CycleStats(
-            worker_id=self.settings.worker_id, gpu_index=_gpu_index(self.loaded.device),
-            settings_version=settings.version, settings_reason=settings.reason,
-            precision=self.engine.precision, max_seq_len=settings.max_seq_len,
-            queue_depth=self.queue.depth(), oom_events=self._oom_events,
-            nvml_used_bytes=memory.nvml_used_bytes, nvml_total_bytes=memory.nvml_total_bytes,
-            gpu_utilization_pct=memory.utilization_pct, **stats,
+            worker_id=self.settings.worker_id,
+            gpu_index=_gpu_index(self.loaded.device),
+            settings_version=settings.version,
+            settings_reason=settings.reason,
+            precision=self.engine.precision,
+            max_seq_len=settings.max_seq_len,
+            queue_depth=self.queue.depth(),
+            oom_events=self._oom_events,
+            nvml_used_bytes=memory.nvml_used_bytes,
+            nvml_total_bytes=memory.nvml_total_bytes,
+            gpu_utilization_pct=memory.utilization_pct,
+            **stats,
         )
         self.cycles += 1
         publish_event(self.client, self.keys, cycle, self.settings.events_maxlen)
         self.writer.submit(cycle)
         log.info(
             "cycle %d: batch %d, prompt<=%d, %d tok in %.2fs = %.1f tok/s, pad %.0f%%, %s, v%d%s",
-            self.cycles, cycle.batch_size, cycle.max_prompt_len, cycle.tokens_generated,
-            cycle.latency_s, cycle.tokens_per_s, 100 * cycle.padding_ratio, cycle.precision,
-            cycle.settings_version, f", {cycle.oom_events} OOM" if cycle.oom_events else "",
+            self.cycles,
+            cycle.batch_size,
+            cycle.max_prompt_len,
+            cycle.tokens_generated,
+            cycle.latency_s,
+            cycle.tokens_per_s,
+            100 * cycle.padding_ratio,
+            cycle.precision,
+            cycle.settings_version,
+            f", {cycle.oom_events} OOM" if cycle.oom_events else "",
         )
 
 
@@ -366,4 +416,3 @@ def device_memory(device: str) -> DeviceMemory:
     except Exception:  # NVML missing or not supported: utilisation stays unknown
         utilization = None
     return DeviceMemory(int(total - free), int(total), utilization)
-

@@ -199,6 +199,20 @@ def test_long_sequences_capped_then_relaxed() -> None:
     assert state.settings.max_seq_len == 2048
 
 
+def test_relaxing_stops_at_the_model_context() -> None:
+    policy = AgentPolicy(PolicyConfig(seq_relax_s=0.0, max_batch=16, max_seq_len=2048))
+    state = new_state(batch=16)
+    state.settings = state.settings.model_copy(update={"max_seq_len": 256})
+    state.context_length = 512
+    relaxed = []
+    for i in range(60):
+        c = cycle(16, 100, 900.0, state.settings.version)
+        d = policy.decide(state, Observation(float(i), None, [c]))
+        relaxed += [d] if d and d.action == DecisionAction.RELAX_SEQ else []
+    assert [d.after.max_seq_len for d in relaxed] == [512]
+    assert state.settings.max_seq_len == 512
+
+
 def test_noisy_trace_changes_rarely() -> None:
     sim = SimWorker(noise=0.05, rng=random.Random(3))
     policy, state = AgentPolicy(), new_state(batch=4)
