@@ -177,6 +177,8 @@ class CycleStats(_Wire):
     gpu_utilization_pct: float | None = None
     queue_depth: int = 0
     oom_events: int = 0
+    # Memory freed (negative: taken) by a precision change applied before this cycle.
+    precision_saved_bytes: int | None = None
 
 
 class OomEvent(_Wire):

@@ -20,6 +20,7 @@ from services.worker.config import WorkerSettings
 from services.worker.engine import BatchLimits, BatchOutcome, Engine, RequestOutcome
 from services.worker.model import LoadedModel, model_info
 from services.worker.oom import OomInfo, run_with_oom_guard
+from services.worker.precision import PrecisionUnavailable
 from services.worker.scheduler import select_batch
 from shared.control import ControlStore
 from shared.db.writer import RecordWriter
@@ -32,6 +33,7 @@ from shared.schemas import (
     GenerationRequest,
     GenerationResult,
     OomEvent,
+    Precision,
     RequestRecord,
     WorkerInfo,
     dump,
@@ -79,6 +81,7 @@ class Worker:
         self.inflight: list[Delivery] = []
         self.applied = ControlSettings(version=-1)
         self.cycles = 0
+        self._precision_saved: int | None = None  # measured at a change, recorded once
         self._stop = threading.Event()
         self._held_lock = threading.Lock()
 
@@ -176,11 +179,9 @@ class Worker:
         )
 
     def _apply(self, settings: ControlSettings) -> None:
-        if settings.precision != self.engine.precision:
-            change = self.engine.set_precision(settings.precision)
-            log.info("precision %s -> %s: %s", change.before, change.after, change.describe())
+        precision = self._switch_precision(settings.precision)
         max_seq = min(settings.max_seq_len, self.loaded.context_length)
-        self.applied = settings.model_copy(update={"max_seq_len": max_seq})
+        self.applied = settings.model_copy(update={"max_seq_len": max_seq, "precision": precision})
         log.info(
             "settings v%d applied: batch %d, max_seq_len %d, %s (%s)",
             settings.version,
@@ -189,6 +190,20 @@ class Worker:
             settings.precision,
             settings.reason,
         )
+
+    def _switch_precision(self, wanted: Precision) -> Precision:
+        """Change the model's precision between batches; an unavailable one is refused."""
+        if wanted == self.engine.precision:
+            return wanted
+        try:
+            change = self.engine.set_precision(wanted)
+        except PrecisionUnavailable as exc:
+            log.error("settings ask for %s, which is unavailable (%s): staying at %s",
+                      wanted, exc, self.engine.precision)  # fmt: skip
+            return self.engine.precision
+        self._precision_saved = change.bytes_saved
+        log.info("precision %s -> %s: %s", change.before, change.after, change.describe())
+        return change.after
 
     def _fill_buffer(self, settings: ControlSettings) -> None:
         want = int(settings.batch_size * self.settings.lookahead_factor) - len(self.buffer)
@@ -332,9 +347,11 @@ class Worker:
             nvml_used_bytes=memory.nvml_used_bytes,
             nvml_total_bytes=memory.nvml_total_bytes,
             gpu_utilization_pct=memory.utilization_pct,
+            precision_saved_bytes=self._precision_saved,
             **stats,
         )
         self.cycles += 1
+        self._precision_saved = None
         publish_event(self.client, self.keys, cycle, self.settings.events_maxlen)
         self.writer.submit(cycle)
         log.info(
