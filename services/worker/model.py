@@ -19,10 +19,14 @@ benchmark can ignore EOS and a row's finish reason is decided in one place.
 from __future__ import annotations
 
 import logging
+import os
 import random
+import socket
 from dataclasses import dataclass, field
 from functools import lru_cache
+from pathlib import Path
 from typing import cast
+from urllib.parse import urlparse
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -220,12 +224,28 @@ def synthetic_arch_for(name: str) -> str:
     return "tiny"
 
 
+def hub_reachable(timeout_s: float = 2.0) -> bool:
+    """Whether the model hub answers a TCP connect: when it doesn't, loading goes straight
+    to the local cache instead of spending a minute in the hub client's retries."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    try:
+        socket.create_connection((host or "huggingface.co", 443), timeout=timeout_s).close()
+    except OSError:
+        return False
+    return True
+
+
 def _load_pretrained(name: str, device: str, precision: Precision) -> LoadedModel:
-    tokenizer = AutoTokenizer.from_pretrained(name)
+    local_only = not Path(name).is_dir() and not hub_reachable()
+    if local_only:
+        log.info("model hub unreachable: looking for %r in the local cache only", name)
+    tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=local_only)
     if not isinstance(tokenizer, PreTrainedTokenizerFast):
         raise ValueError(f"{name!r} has no fast tokenizer (got {type(tokenizer).__name__})")
     model = AutoModelForCausalLM.from_pretrained(
-        name, dtype=load_dtype(precision), low_cpu_mem_usage=True
+        name, dtype=load_dtype(precision), low_cpu_mem_usage=True, local_files_only=local_only
     )
     return _finish(
         model, tokenizer, name, name, synthetic=False, device=device, precision=precision
