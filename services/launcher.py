@@ -62,17 +62,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     run = sub.add_parser("run", help="start the whole system as local processes")
     run.add_argument("--only", nargs="+", choices=SERVICES, help="start just these services")
     run.add_argument("--without", nargs="+", choices=SERVICES, default=[], help="leave these out")
-    bench = sub.add_parser("bench", help="run the benchmark suite (experiments/benchmark.py)")
-    bench.add_argument("args", nargs=argparse.REMAINDER)
+    sub.add_parser("bench", help="run the benchmark suite: aegis bench --help")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str]) -> int:
-    args = parse_args(argv)
-    if args.command == "bench":
+    if argv[:1] == ["bench"]:  # its own CLI parses the rest
         from experiments.benchmark import main as bench_main
 
-        return bench_main(args.args)
+        return bench_main(argv[1:])
+    args = parse_args(argv)
     settings = CommonSettings()
     setup_logging(settings.log_level, settings.log_json, "launcher")
     names = [n for n in (args.only or SERVICES) if n not in args.without]

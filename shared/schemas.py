@@ -46,6 +46,8 @@ class SamplingParams(_Wire):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     stop: list[str] = Field(default_factory=list)
     seed: int | None = None
+    # Generate exactly max_tokens (benchmarks on random weights, where EOS is noise).
+    ignore_eos: bool = False
 
 
 class GenerationRequest(_Wire):

@@ -91,6 +91,7 @@ def _params(body: SamplingFields, max_tokens: int, stops: list[str], sample: int
         top_p=1.0 if body.top_p is None else body.top_p,
         stop=stops,
         seed=seed,
+        ignore_eos=body.ignore_eos,
     )
 
 

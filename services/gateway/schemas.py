@@ -31,6 +31,8 @@ class SamplingFields(_Body):
     n: int | None = Field(default=None, ge=1)
     stop: str | list[str] | None = None
     seed: int | None = None
+    # Extension (as in vLLM): generate exactly max_tokens, never stopping at EOS.
+    ignore_eos: bool = False
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = None

@@ -36,7 +36,12 @@ class GatewayState:
     @classmethod
     def open(cls, settings: GatewaySettings, metrics: GatewayMetrics) -> GatewayState:
         keys = Keys(settings.key_prefix)
-        client = aioredis.Redis.from_url(settings.redis_url)
+        # Every waiting request holds a connection in a blocking XREAD: size the pool for a
+        # full queue, and make a request beyond it wait for a connection, not fail.
+        pool = aioredis.BlockingConnectionPool.from_url(
+            settings.redis_url, max_connections=settings.max_queue_depth + 64, timeout=None
+        )
+        client = aioredis.Redis(connection_pool=pool)
         sync_client = redis.Redis.from_url(settings.redis_url)
         queue = GatewayQueue(client, keys, settings.max_queue_depth)
         return cls(
@@ -53,6 +58,6 @@ class GatewayState:
         )
 
     async def close(self) -> None:
-        await self.client.aclose()
+        await self.client.aclose(close_connection_pool=True)
         self.sync_client.close()
         self.database.close()

@@ -498,7 +498,7 @@ class Row:
         self.new_tokens += 1
         if self.first_token_at is None:
             self.first_token_at = stamp
-        if token in eos_ids:
+        if token in eos_ids and not self.request.params.ignore_eos:
             self._finish("stop", stamp)
             return
         self.tokens.append(token)

@@ -150,6 +150,11 @@ def test_eos_finishes_with_stop(loaded: LoadedModel) -> None:
     assert out.results[0].text == ""
     ignored = HFGenerateEngine(eos_model).run([req], LIMITS).results[0]
     assert ignored.finish_reason == "length" and ignored.completion_tokens == 10
+    # Per request: one row ignores EOS, its neighbour in the same batch stops at it.
+    own = req.model_copy(update={"id": "own", "params": req.params.model_copy(
+        update={"ignore_eos": True})})  # fmt: skip
+    mixed = HFGenerateEngine(eos_model).run([req, own], BatchLimits(max_seq_len=512)).results
+    assert [(r.finish_reason, r.completion_tokens) for r in mixed] == [("stop", 1), ("length", 10)]
 
 
 def test_streaming_deltas_concatenate_to_final_text(

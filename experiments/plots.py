@@ -1,0 +1,173 @@
+"""PNG plots of the benchmark's results (matplotlib, Agg backend: no display needed)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+MIB = 1 << 20
+
+
+def write_all(results: dict[str, Any], out: Path) -> list[Path]:
+    """One PNG per scenario that has data; nothing (and no error) without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    makers: dict[str, Callable[[Any, dict[str, Any]], None]] = {
+        "sweep": _sweep,
+        "memory": _memory,
+        "adaptive": _adaptive,
+        "oom": _oom,
+        "system": _system,
+    }
+    written = []
+    for name, make in makers.items():
+        data = results.get("scenarios", {}).get(name)
+        if not isinstance(data, dict) or "error" in data:
+            continue
+        fig = plt.figure(figsize=(11, 4.5))
+        make(fig, data)
+        fig.suptitle(
+            f"{name} - {results['meta'].get('card', '?')} ({results['meta'].get('scale', '?')})"
+        )
+        fig.tight_layout()
+        path = out / f"{name}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def _sweep(fig: Any, d: dict[str, Any]) -> None:
+    left, right = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    batches = [p["batch_size"] for p in d["points"]]
+    for key, label in (("aegis", "AEGIS engine"), ("hf_eager", "HF generate eager")):
+        tps = [p[key]["tokens_per_s"] for p in d["points"] if key in p]
+        if tps:
+            left.plot(batches[: len(tps)], tps, marker="o", label=label)
+        mem = [p[key]["peak_memory_bytes"] for p in d["points"] if key in p]
+        if mem and all(m is not None for m in mem):
+            right.plot(batches[: len(mem)], [m / MIB for m in mem], marker="o", label=label)
+    for item in (i for i in d.get("static_cache", []) if "error" not in i):
+        left.scatter(
+            [item["batch_size"]],
+            [item["peer"]["tokens_per_s"]],
+            marker="s",
+            s=60,
+            color="C3",
+            label=f"{item['peer']['system']} b={item['batch_size']}",
+        )
+    cb = d.get("continuous_batching")
+    if cb and "error" not in cb:
+        left.axhline(
+            cb["peer"]["tokens_per_s"], linestyle="--", color="gray", label="HF continuous batching"
+        )
+    left.set(xscale="log", xlabel="batch size", ylabel="generated tokens/s", title="throughput")
+    right.set(xscale="log", xlabel="batch size", ylabel="peak MiB", title="peak memory (CUDA)")
+    left.legend(fontsize=7)
+    if right.lines:
+        right.legend(fontsize=7)
+    else:
+        right.text(0.5, 0.5, "no allocator peak on CPU", ha="center", transform=right.transAxes)
+
+
+def _memory(fig: Any, d: dict[str, Any]) -> None:
+    for i, series in enumerate(("prompt", "generated")):
+        ax = fig.add_subplot(1, 2, i + 1)
+        points = [p for p in d["points"] if p["series"] == series]
+        for batch in sorted({p["batch_size"] for p in points}):
+            rows = sorted(
+                (p for p in points if p["batch_size"] == batch), key=lambda p: p["seq_len"]
+            )
+            x = [p["seq_len"] for p in rows]
+            line = ax.plot(
+                x, [p["peak_bytes"] / MIB for p in rows], marker="o", label=f"measured b={batch}"
+            )
+            color = line[0].get_color()
+            ax.plot(
+                x,
+                [p["fitted_bytes"] / MIB for p in rows],
+                linestyle="--",
+                color=color,
+                label=f"fitted model b={batch}",
+            )
+            ax.plot(
+                x,
+                [p["prior_bytes"] / MIB for p in rows],
+                linestyle=":",
+                color=color,
+                alpha=0.6,
+                label=f"prior b={batch}",
+            )
+        ax.set(xlabel="prompt + new tokens", ylabel="peak MiB", title=f"{series} length varied")
+        ax.legend(fontsize=7)
+    fig.text(0.01, 0.01, f"measured: {d['memory_source']}", fontsize=7)
+
+
+def _adaptive(fig: Any, d: dict[str, Any]) -> None:
+    left, right = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    names = [p["phase"] for p in d["phases"]]
+    width = 0.27
+    for i, (key, label) in enumerate(
+        (("adaptive", "AEGIS adaptive"), ("oracle", "oracle static"), ("default", "default static"))
+    ):
+        xs = [j + (i - 1) * width for j in range(len(names))]
+        left.bar(xs, [p[key]["tokens_per_s"] for p in d["phases"]], width, label=label)
+    left.set_xticks(range(len(names)), names)
+    left.set(ylabel="generated tokens/s", title="tokens/s per phase")
+    left.legend(fontsize=7)
+    cycles = d["cycles"]
+    right.step([c["t_end"] for c in cycles], [c["batch_setting"] for c in cycles], where="post")
+    right.set(xlabel="seconds", ylabel="batch size setting", title="adaptive batch size over time")
+
+
+def _oom(fig: Any, d: dict[str, Any]) -> None:
+    left, right = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    w3 = d.get("W3")
+    if w3:
+        labels = ["before", "during", "after"]
+        for i, key in enumerate(("aegis", "static")):
+            vals = [w3[key][f"tokens_per_s_{s}"] for s in labels]
+            left.bar(
+                [j + (i - 0.5) * 0.4 for j in range(3)],
+                vals,
+                0.4,
+                label=f"{w3[key]['system']} (lost {w3[key]['failed']})",
+            )
+        left.set_xticks(range(3), labels)
+        left.set(ylabel="tokens/s", title="W3 noisy neighbour")
+        left.legend(fontsize=7)
+    w4 = d.get("W4")
+    if w4:
+        keys = ("aegis", "static")
+        right.bar(
+            [w4[k]["system"] for k in keys], [w4[k]["completed"] for k in keys], color=["C0", "C1"]
+        )
+        for j, k in enumerate(keys):
+            right.text(
+                j,
+                w4[k]["completed"],
+                f"OOM {w4[k]['oom_events']}, lost {w4[k]['failed']}",
+                ha="center",
+                va="bottom",
+                fontsize=8,
+            )
+        right.set(ylabel="requests completed", title=f"W4 OOM pressure ({w4['requests']} requests)")
+
+
+def _system(fig: Any, d: dict[str, Any]) -> None:
+    ax = fig.add_subplot(1, 1, 1)
+    runs = (d["system"], d["engine"])
+    ax.bar(
+        ["whole system (HTTP)", "engine alone"],
+        [r["tokens_per_s"] for r in runs],
+        color=["C0", "C2"],
+    )
+    ax.set(
+        ylabel="generated tokens/s", title=f"W1 end to end (ratio {d['ratio_system_vs_engine']})"
+    )

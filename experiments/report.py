@@ -1,0 +1,314 @@
+"""Turning ``results.json`` data into ``results.md`` tables and PNG plots.
+
+Every function takes the results dict the benchmark writes (``meta``, ``config``,
+``scenarios``); a scenario that did not run (or failed, ``{"error": ...}``) is skipped.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from experiments import plots
+from experiments.summary import fmt, summary_rows
+
+MIB = 1 << 20
+
+
+def mib(value: Any) -> str:
+    return fmt(value / MIB, 0) if isinstance(value, int | float) else "-"
+
+
+def cell(value: Any) -> str:
+    text = value if isinstance(value, str) else fmt(value)
+    return text.replace("|", "\\|")  # a pipe would end the markdown cell
+
+
+def table(header: list[str], rows: list[list[Any]]) -> list[str]:
+    """A markdown table; floats get one decimal (pass ratios through :func:`r2`)."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(c) for c in r) + " |" for r in rows]
+    return [*lines, ""]
+
+
+def r2(value: Any) -> str:
+    """A ratio with two decimals."""
+    return fmt(value, 2)
+
+
+# --- markdown ---------------------------------------------------------------------------
+
+
+def markdown(results: dict[str, Any], images: list[str]) -> str:
+    meta = results["meta"]
+    lines = ["# AEGIS benchmark results", ""]
+    lines += table(
+        [
+            "card",
+            "device",
+            "torch",
+            "transformers",
+            "date",
+            "commit",
+            "scale",
+            "model",
+            "precision",
+        ],
+        [
+            [
+                meta.get(k, "-") or "-"
+                for k in (
+                    "card",
+                    "device",
+                    "torch",
+                    "transformers",
+                    "date",
+                    "git_commit",
+                    "scale",
+                    "model",
+                    "precision",
+                )
+            ]
+        ],
+    )
+    lines += ["## Summary", ""]
+    lines += table(
+        ["scenario", "measure", "AEGIS", "peer", "peer value", "AEGIS/peer"],
+        [[*r[:5], r2(r[5])] for r in summary_rows(results)],
+    )
+    sections = {
+        "sweep": _sweep_md,
+        "memory": _memory_md,
+        "adaptive": _adaptive_md,
+        "oom": _oom_md,
+        "system": _system_md,
+    }
+    for name, build in sections.items():
+        data = results.get("scenarios", {}).get(name)
+        if data is None:
+            continue
+        lines += [f"## {name}", ""]
+        lines += [f"**failed:** `{data['error']}`", ""] if "error" in data else build(data)
+    lines += [f"![{Path(i).stem}]({i})" for i in images]
+    return "\n".join(lines) + "\n"
+
+
+def _sweep_md(d: dict[str, Any]) -> list[str]:
+    rows = [
+        [
+            p["batch_size"],
+            p["aegis"]["tokens_per_s"],
+            p.get("hf_eager", {}).get("tokens_per_s"),
+            r2(p.get("ratio_vs_eager")),
+            mib(p["aegis"]["peak_memory_bytes"]),
+            mib(p.get("hf_eager", {}).get("peak_memory_bytes")),
+        ]
+        for p in d["points"]
+    ]
+    out = table(
+        [
+            "batch",
+            "AEGIS tok/s",
+            "HF eager tok/s",
+            "AEGIS/eager",
+            "AEGIS peak MiB",
+            "eager peak MiB",
+        ],
+        rows,
+    )
+    extra = [
+        [
+            i["peer"]["system"],
+            i["batch_size"],
+            i["aegis"]["tokens_per_s"],
+            i["peer"]["tokens_per_s"],
+            r2(i["ratio"]),
+            i["peer"]["note"] or "-",
+        ]
+        for i in d.get("static_cache", [])
+        if "error" not in i
+    ]
+    cb = d.get("continuous_batching")
+    if cb and "error" not in cb:
+        extra.append(
+            [
+                "HF continuous batching",
+                f"AEGIS at {cb['aegis_batch_size']}",
+                cb["aegis"]["tokens_per_s"],
+                cb["peer"]["tokens_per_s"],
+                r2(cb["ratio"]),
+                cb["peer"]["extra"].get("attn_implementation", "-"),
+            ]
+        )
+    if extra:
+        out += table(["peer", "batch", "AEGIS tok/s", "peer tok/s", "AEGIS/peer", "note"], extra)
+    failures = [
+        i for i in [*d.get("static_cache", []), d.get("continuous_batching") or {}] if "error" in i
+    ]
+    return out + [f"**peer failed:** `{i['error']}`" for i in failures] + ([""] if failures else [])
+
+
+def _memory_md(d: dict[str, Any]) -> list[str]:
+    rows = [
+        [
+            p["series"],
+            p["batch_size"],
+            p["prompt_len"],
+            p["new_tokens"],
+            mib(p["peak_bytes"]),
+            mib(p["prior_bytes"]),
+            mib(p["fitted_bytes"]),
+            fmt(100 * abs(p["fitted_bytes"] - p["peak_bytes"]) / p["peak_bytes"]),
+        ]
+        for p in d["points"]
+    ]
+    e = d["prediction_error"]
+    intro = [
+        f"Measured: `{d['memory_source']}`. Mean |error|: fit {fmt(e['fit_mean_abs_rel'], 3)}, "
+        f"prior {fmt(e['prior_mean_abs_rel'], 3)}, held-out (generated series, fitted on the "
+        f"prompt series) {fmt(e['held_out_generated_mean_abs_rel'], 3)}.",
+        "",
+    ]
+    return intro + table(
+        [
+            "series",
+            "batch",
+            "prompt",
+            "new",
+            "measured MiB",
+            "prior MiB",
+            "fitted MiB",
+            "fit err %",
+        ],
+        rows,
+    )
+
+
+def _adaptive_md(d: dict[str, Any]) -> list[str]:
+    rows = [
+        [
+            p["phase"],
+            p["requests"],
+            p["adaptive"]["tokens_per_s"],
+            p["oracle"]["tokens_per_s"],
+            p["oracle_batch"],
+            p["default"]["tokens_per_s"],
+            r2(p["ratio_vs_oracle"]),
+            r2(p["ratio_vs_default"]),
+            p["adaptive"]["failed"],
+            ", ".join(map(str, p["adaptive"]["batch_sizes_used"])),
+        ]
+        for p in d["phases"]
+    ]
+    o = d["overall"]
+    rows.append(
+        [
+            "overall",
+            "-",
+            o["adaptive_tokens_per_s"],
+            o["oracle_tokens_per_s"],
+            "-",
+            o["default_tokens_per_s"],
+            r2(o["ratio_vs_oracle"]),
+            r2(o["ratio_vs_default"]),
+            o["lost_requests"],
+            "-",
+        ]
+    )
+    out = table(
+        [
+            "phase",
+            "requests",
+            "adaptive tok/s",
+            "oracle tok/s",
+            "oracle batch",
+            "default tok/s",
+            "adaptive/oracle",
+            "adaptive/default",
+            "lost",
+            "adaptive batches",
+        ],
+        rows,
+    )
+    decisions = [[fmt(x["t"], 2), x.get("phase", "-"), x["summary"]] for x in d["decisions"][:30]]
+    return [
+        *out,
+        "Decisions of the adaptive run:",
+        "",
+        *table(["t (s)", "phase", "decision"], decisions),
+    ]
+
+
+def _oom_md(d: dict[str, Any]) -> list[str]:
+    out: list[str] = []
+    for name in ("W3", "W4"):
+        w = d.get(name)
+        if not w:
+            continue
+        rows = [
+            [
+                w[k]["system"],
+                w[k]["requests"],
+                w[k]["completed"],
+                w[k]["failed"],
+                w[k]["oom_events"],
+                w[k]["recoveries"],
+                w[k]["crashed"],
+                w[k]["tokens_per_s"],
+                w[k].get("tokens_per_s_before"),
+                w[k].get("tokens_per_s_during"),
+                w[k].get("tokens_per_s_after"),
+            ]
+            for k in ("aegis", "static")
+        ]
+        out += [f"### {name}", ""]
+        out += table(
+            [
+                "system",
+                "requests",
+                "completed",
+                "failed/lost",
+                "OOM events",
+                "recoveries",
+                "crashed",
+                "tok/s",
+                "before",
+                "during",
+                "after",
+            ],
+            rows,
+        )
+    return out
+
+
+def _system_md(d: dict[str, Any]) -> list[str]:
+    rows = [
+        [
+            r["system"],
+            r["requests"],
+            r["completed"],
+            r["failed"],
+            r["tokens"],
+            r["seconds"],
+            r["tokens_per_s"],
+        ]
+        for r in (d["system"], d["engine"])
+    ]
+    extra = d["system"]["extra"]
+    note = extra.get("stopped_before_max_tokens", 0)
+    header = ["path", "requests", "completed", "failed", "tokens", "seconds", "tok/s"]
+    return [
+        *table(header, rows),
+        f"System/engine: {fmt(d['ratio_system_vs_engine'], 3)}; "
+        f"completions that stopped before max_tokens: {note}; "
+        f"client retries after 429/503: {extra.get('retried_429_503', 0)}.",
+        "",
+    ]
+
+
+def write(results: dict[str, Any], out: Path) -> list[Path]:
+    """Plots and ``results.md`` into ``out``; returns the files written."""
+    images = plots.write_all(results, out)
+    md = out / "results.md"
+    md.write_text(markdown(results, [p.name for p in images]))
+    return [md, *images]

@@ -1,0 +1,96 @@
+"""Pieces every scenario uses: AEGIS's engine and settings, the policy, the memory prior."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from experiments import workloads
+from experiments.context import BenchContext
+from experiments.runner import AegisRunner, ClosedLoop
+from services.agent.memory_model import Coefficients
+from services.agent.policy import PolicyConfig
+from services.worker.engine import HFGenerateEngine
+from services.worker.model import LoadedModel, parameter_bytes
+from services.worker.oom import OomInjector
+from services.worker.precision import apply_precision, free_memory
+from shared.schemas import ControlSettings
+
+BF16_BYTES = 2
+
+log = logging.getLogger(__name__)
+
+
+def runner(ctx: BenchContext, fault: OomInjector | None = None) -> AegisRunner:
+    """A fresh engine (no kept progress) on the shared model, at the run's precision.
+
+    (A policy may have lowered the precision in an earlier run; every run starts equal.)
+    """
+    loaded = ctx.model()
+    if loaded.precision != ctx.precision:
+        apply_precision(loaded, ctx.precision)
+    free_memory()
+    return AegisRunner(HFGenerateEngine(loaded, fault=fault), ctx.device)
+
+
+def settings(ctx: BenchContext, batch: int) -> ControlSettings:
+    """Static settings at ``batch``: full context, the run's precision."""
+    return ControlSettings(
+        batch_size=batch,
+        max_seq_len=ctx.model().context_length,
+        precision=ctx.precision,
+        reason="benchmark settings",
+        updated_at=0.0,
+    )
+
+
+def policy_config(ctx: BenchContext) -> PolicyConfig:
+    """The agent's default thresholds, with the scale's overrides (workloads.json)."""
+    context = ctx.model().context_length
+    base = {"max_seq_len": context, "min_seq_len": min(128, context)}
+    overrides = workloads.policy_overrides(ctx.scale)
+    return dataclasses.replace(PolicyConfig(), **{**base, **overrides})
+
+
+def closed_loop(ctx: BenchContext, start_batch: int) -> ClosedLoop:
+    """AEGIS adaptive: the policy starts from static settings at ``start_batch``."""
+    return ClosedLoop.start(
+        settings(ctx, start_batch), policy_config(ctx), architecture_prior(ctx.model())
+    )
+
+
+def architecture_prior(loaded: LoadedModel) -> Coefficients:
+    """The memory model's prior from the model's shapes, in bf16 bytes.
+
+    Weights; K and V of every layer per token; logits of one position at fp32 (twice)
+    per row. For TinyLlama this is ARCHITECTURE.md's 2.2 GB / 22,528 B / 256,000 B.
+    """
+    cfg = loaded.model.config
+    params = parameter_bytes(loaded.model) / next(loaded.model.parameters()).element_size()
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * BF16_BYTES
+    return Coefficients(params * BF16_BYTES, float(per_token), float(cfg.vocab_size * 4 * 2))
+
+
+def attempt(what: str, run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Run one peer's measurement; a failure is recorded (``{"error": ...}``), never the
+    end of the scenario (a compile error must not lose the AEGIS figures beside it)."""
+    try:
+        return run()
+    except Exception as exc:
+        log.exception("%s failed", what)
+        free_memory()
+        return {"error": f"{type(exc).__name__}: {exc}"}
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    """``a / b`` rounded, or None when either is missing or ``b`` is zero."""
+    if a is None or b is None or b == 0:
+        return None
+    return round(a / b, 3)
+
+
+def policy_dict(ctx: BenchContext) -> dict[str, Any]:
+    return dataclasses.asdict(policy_config(ctx))

@@ -1,0 +1,201 @@
+"""The headline figures of a benchmark run: one row per comparison, for stdout and markdown.
+
+Every function takes the results dict the benchmark writes (``meta``, ``config``,
+``scenarios``); a scenario that did not run (or failed, ``{"error": ...}``) is skipped.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+Row = tuple[str, str, float | None, str, float | None, float | None]
+
+
+def fmt(value: Any, digits: int = 1) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}"
+    return str(value)
+
+
+def scenario_data(results: dict[str, Any], name: str) -> dict[str, Any] | None:
+    data = results.get("scenarios", {}).get(name)
+    return data if isinstance(data, dict) and "error" not in data else None
+
+
+def summary_rows(results: dict[str, Any]) -> list[Row]:
+    """(scenario, measure, AEGIS, peer, peer value, AEGIS/peer) per headline figure."""
+    rows: list[Row] = []
+    builders = {
+        "sweep": _sweep_summary,
+        "memory": _memory_summary,
+        "adaptive": _adaptive_summary,
+        "oom": _oom_summary,
+        "system": _system_summary,
+    }
+    for name, build in builders.items():
+        data = scenario_data(results, name)
+        if data is not None:
+            rows += build(data)
+    return rows
+
+
+def _sweep_summary(data: dict[str, Any]) -> list[Row]:
+    rows: list[Row] = []
+    eager = [p for p in data["points"] if "hf_eager" in p]
+    if eager:
+        best = max(eager, key=lambda p: p["aegis"]["tokens_per_s"])
+        rows.append(
+            (
+                "sweep",
+                f"tokens/s, batch {best['batch_size']}",
+                best["aegis"]["tokens_per_s"],
+                "HF generate eager",
+                best["hf_eager"]["tokens_per_s"],
+                best["ratio_vs_eager"],
+            )
+        )
+    for item in data.get("static_cache", []):
+        if "error" in item:
+            continue
+        rows.append(
+            (
+                "sweep",
+                f"tokens/s, batch {item['batch_size']}",
+                item["aegis"]["tokens_per_s"],
+                item["peer"]["system"],
+                item["peer"]["tokens_per_s"],
+                item["ratio"],
+            )
+        )
+    cb = data.get("continuous_batching")
+    if cb and "error" not in cb:
+        rows.append(
+            (
+                "sweep",
+                f"tokens/s, all {cb['requests']} requests",
+                cb["aegis"]["tokens_per_s"],
+                "HF continuous batching",
+                cb["peer"]["tokens_per_s"],
+                cb["ratio"],
+            )
+        )
+    return rows
+
+
+def _memory_summary(data: dict[str, Any]) -> list[Row]:
+    err = data["prediction_error"]
+
+    def pct(value: float | None) -> float | None:
+        return None if value is None else round(100 * value, 2)
+
+    return [
+        (
+            "memory",
+            "mean |error| of fitted peak, %",
+            pct(err["fit_mean_abs_rel"]),
+            "prior only, %",
+            pct(err["prior_mean_abs_rel"]),
+            None,
+        )
+    ]
+
+
+def _adaptive_summary(data: dict[str, Any]) -> list[Row]:
+    rows: list[Row] = []
+    for p in data["phases"]:
+        a = p["adaptive"]["tokens_per_s"]
+        rows.append(
+            (
+                "adaptive",
+                f"{p['phase']} tokens/s",
+                a,
+                f"oracle (batch {p['oracle_batch']})",
+                p["oracle"]["tokens_per_s"],
+                p["ratio_vs_oracle"],
+            )
+        )
+        rows.append(
+            (
+                "adaptive",
+                f"{p['phase']} tokens/s",
+                a,
+                "default static",
+                p["default"]["tokens_per_s"],
+                p["ratio_vs_default"],
+            )
+        )
+    return rows
+
+
+def _oom_summary(data: dict[str, Any]) -> list[Row]:
+    rows: list[Row] = []
+    for name in ("W3", "W4"):
+        w = data.get(name)
+        if not w:
+            continue
+        a, s = w["aegis"], w["static"]
+        rows.append(
+            (
+                f"oom {name}",
+                "failed/lost requests",
+                a["failed"],
+                "static, no guard",
+                s["failed"],
+                None,
+            )
+        )
+        rows.append(
+            (
+                f"oom {name}",
+                "OOM events",
+                a["oom_events"],
+                "static, no guard",
+                s["oom_events"],
+                None,
+            )
+        )
+        rows.append(
+            (
+                f"oom {name}",
+                "tokens/s",
+                a["tokens_per_s"],
+                "static, no guard",
+                s["tokens_per_s"],
+                _ratio(a["tokens_per_s"], s["tokens_per_s"]),
+            )
+        )
+    return rows
+
+
+def _system_summary(data: dict[str, Any]) -> list[Row]:
+    s, e = data["system"], data["engine"]
+    return [
+        (
+            "system",
+            "tokens/s end to end",
+            s["tokens_per_s"],
+            "engine alone",
+            e["tokens_per_s"],
+            data["ratio_system_vs_engine"],
+        )
+    ]
+
+
+def _ratio(a: float, b: float) -> float | None:
+    return round(a / b, 3) if b else None
+
+
+def summary_text(results: dict[str, Any]) -> str:
+    """A fixed-width table for stdout."""
+    head = ("scenario", "measure", "AEGIS", "peer", "peer value", "AEGIS/peer")
+    cells = [head] + [
+        (r[0], r[1], fmt(r[2]), r[3], fmt(r[4]), fmt(r[5], 2)) for r in summary_rows(results)
+    ]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(head))]
+    lines = ["  ".join(c[i].ljust(widths[i]) for i in range(len(head))) for c in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)

@@ -1,0 +1,158 @@
+"""Every benchmark scenario at tiny scale on CPU: well-formed results, tables and plots.
+
+The core scenarios run in-process once (module fixture); the system scenario starts
+the gateway and a worker against the test's Redis and runs separately.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from experiments import workloads
+from experiments.benchmark import main
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+CORE = ("sweep", "memory", "adaptive", "oom")
+ARGS = ["--scale", "tiny", "--device", "cpu", "--threads", "1", "--no-progress", "--seed", "0"]
+
+
+def _asked(name: str) -> int:
+    """Tokens the tiny workload asks for (EOS ignored: exactly what must be generated)."""
+    load = workloads.workload(name, "tiny")
+    return workloads.useful_tokens(workloads.all_requests(load, 0, 512))
+
+
+@pytest.fixture(scope="module")
+def core(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    out = tmp_path_factory.mktemp("bench")
+    assert main(["--scenario", ",".join(CORE), "--out", str(out), *ARGS]) == 0
+    return out, json.loads((out / "results.json").read_text())
+
+
+def _valid_png(path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    assert path.read_bytes()[:8] == PNG_MAGIC, path
+    image = plt.imread(path)
+    assert image.shape[0] > 100 and image.shape[1] > 100
+
+
+def test_results_json_records_environment_and_config(core: tuple[Path, dict[str, Any]]) -> None:
+    _, results = core
+    meta = results["meta"]
+    for key in (
+        "card",
+        "torch",
+        "transformers",
+        "date",
+        "git_commit",
+        "scale",
+        "model",
+        "precision",
+    ):
+        assert key in meta
+    assert meta["scale"] == "tiny" and meta["precision"] == "fp32" and meta["synthetic"] is True
+    assert set(results["config"]["workloads"]) == {"W1", "W2", "W3", "W4"}
+    assert results["config"]["scenarios_run"] == list(CORE)
+    for name in CORE:
+        assert "error" not in results["scenarios"][name], results["scenarios"][name]
+
+
+def test_sweep_compares_aegis_with_every_peer(core: tuple[Path, dict[str, Any]]) -> None:
+    sweep = core[1]["scenarios"]["sweep"]
+    assert [p["batch_size"] for p in sweep["points"]] == [2, 4, 8, 16]
+    for point in sweep["points"]:
+        for system in ("aegis", "hf_eager"):
+            run = point[system]
+            assert run["tokens_per_s"] > 0 and run["failed"] == 0
+            assert run["completed"] == point["requests"] == point["batch_size"]
+        assert point["aegis"]["tokens"] == point["hf_eager"]["tokens"]  # same work, EOS ignored
+        assert point["ratio_vs_eager"] > 0
+    static = sweep["static_cache"][0]
+    assert static["peer"]["tokens_per_s"] > 0 and static["peer"]["extra"]["compiled"] is False
+    cb = sweep["continuous_batching"]
+    assert cb["peer"]["completed"] == cb["requests"] == 16
+    assert cb["peer"]["tokens"] == cb["aegis"]["tokens"] == _asked("W1")
+    assert cb["ratio"] > 0
+
+
+def test_memory_points_and_fit(core: tuple[Path, dict[str, Any]]) -> None:
+    memory = core[1]["scenarios"]["memory"]
+    assert memory["memory_source"] == "analytic_estimate_cpu"
+    prompt = [p for p in memory["points"] if p["series"] == "prompt"]
+    assert len(prompt) == 8 and len(memory["points"]) == 11
+    for p in memory["points"]:
+        assert p["peak_bytes"] > 0 and p["fitted_bytes"] > 0 and p["prior_bytes"] > 0
+    # Longer prompts at the same batch need more memory.
+    b4 = sorted((p for p in prompt if p["batch_size"] == 4), key=lambda p: p["prompt_len"])
+    assert [p["peak_bytes"] for p in b4] == sorted(p["peak_bytes"] for p in b4)
+    assert all(v is not None and v >= 0 for v in memory["prediction_error"].values())
+
+
+def test_adaptive_runs_every_phase_without_loss(core: tuple[Path, dict[str, Any]]) -> None:
+    adaptive = core[1]["scenarios"]["adaptive"]
+    phases = workloads.generate(workloads.workload("W2", "tiny"), 0, 512)
+    assert [p["phase"] for p in adaptive["phases"]] == ["short", "long", "mixed"]
+    for row, (phase, requests) in zip(adaptive["phases"], phases, strict=True):
+        assert row["phase"] == phase.name
+        for key in ("adaptive", "oracle", "default"):
+            assert row[key]["failed"] == 0 and row[key]["tokens_per_s"] > 0
+            assert row[key]["tokens"] == workloads.useful_tokens(requests)
+        # The oracle is the best static candidate, the default one of them.
+        assert row["oracle"]["tokens_per_s"] >= row["default"]["tokens_per_s"]
+        assert row["oracle"]["tokens_per_s"] == max(c["tokens_per_s"] for c in row["candidates"])
+    assert adaptive["overall"]["lost_requests"] == 0
+    assert adaptive["cycles"] and all(c["batch_setting"] >= 1 for c in adaptive["cycles"])
+
+
+def test_oom_aegis_recovers_where_static_fails(core: tuple[Path, dict[str, Any]]) -> None:
+    oom = core[1]["scenarios"]["oom"]
+    for name in ("W3", "W4"):
+        aegis, static = oom[name]["aegis"], oom[name]["static"]
+        assert aegis["failed"] == 0 and aegis["completed"] == oom[name]["requests"]
+        assert aegis["tokens"] == _asked(name)
+        assert aegis["oom_events"] >= 1 and aegis["recoveries"] >= 1
+        assert static["crashed"] is True and static["failed"] > 0 and static["oom_events"] >= 1
+    w3 = oom["W3"]["aegis"]
+    assert 0 < w3["t_spike_s"] <= w3["t_release_s"] <= w3["seconds"]
+    assert w3["tokens_per_s_before"] > 0
+    assert oom["W4"]["static"]["failed"] == oom["W4"]["requests"]  # every batch too big
+
+
+def test_markdown_and_plots(core: tuple[Path, dict[str, Any]]) -> None:
+    out, _ = core
+    md = (out / "results.md").read_text()
+    assert "| scenario | measure | AEGIS | peer | peer value | AEGIS/peer |" in md
+    for heading in ("## sweep", "## memory", "## adaptive", "## oom", "### W3", "### W4"):
+        assert heading in md
+    assert "paged\\|sdpa" in md  # pipes inside cells are escaped
+    for name in CORE:
+        _valid_png(out / f"{name}.png")
+        assert f"({name}.png)" in md
+
+
+def test_bad_arguments_exit_2(tmp_path: Path) -> None:
+    assert main(["--scenario", "nope", "--out", str(tmp_path), *ARGS]) == 2
+    assert main(["--peers", "vllm", "--out", str(tmp_path), *ARGS]) == 2
+    assert not (tmp_path / "results.json").exists()
+
+
+@pytest.mark.slow
+def test_system_scenario_through_gateway_and_worker(
+    aegis_env: dict[str, str], tmp_path: Path
+) -> None:
+    assert main(["--scenario", "system", "--out", str(tmp_path), *ARGS]) == 0
+    system = json.loads((tmp_path / "results.json").read_text())["scenarios"]["system"]
+    assert "error" not in system, system
+    for key in ("system", "engine"):
+        run = system[key]
+        assert run["failed"] == 0 and run["completed"] == run["requests"] == 16
+        assert run["tokens_per_s"] > 0
+    assert system["engine"]["tokens"] == _asked("W1")
+    assert system["system"]["tokens"] <= system["engine"]["tokens"]
+    assert system["ratio_system_vs_engine"] > 0
+    _valid_png(tmp_path / "system.png")
