@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Runs AEGIS's GPU checks and benchmarks on a device machine (torch and transformers
+# preinstalled, no network). Pure-Python wheels the image lacks travel in .whl/ and a
+# Redis server in .device/redis/ (see scripts/device/README.md).
+#   bash scripts/device/gpu_suite.sh tests|SCENARIOS [extra benchmark args...]
+# Results: results/gpu/ (results.json, results.md, PNGs), copied to $OUT when set.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+  --target /tmp/site .whl/*.whl >/dev/null 2>&1 || { echo "wheel install failed"; exit 1; }
+export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/aegis-out}
+mkdir -p "$OUT" results/gpu
+what=$1; shift
+if [ "$what" = tests ]; then
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu_tests.log"
+  python3 -m pytest -m gpu tests/gpu -v -p no:cacheprovider 2>&1 | tee -a "$OUT/gpu_tests.log"
+  exit 0
+fi
+python3 -m experiments.benchmark --scenario "$what" --scale full --device cuda \
+  --out results/gpu --no-progress "$@"
+rc=$?
+cp results/gpu/*.json results/gpu/*.md results/gpu/*.png "$OUT/" 2>/dev/null
+exit $rc
