@@ -49,6 +49,7 @@ def _point(
     ctx: BenchContext, requests: list[GenerationRequest], batch: int, per_point: int
 ) -> dict[str, Any]:
     subset = _subset(requests, batch, per_point)
+    _warm_up(ctx, subset[:batch], batch)
     with ctx.bar(len(subset), f"sweep aegis b={batch}") as bar:
         aegis, _ = runner(ctx).run(subset, settings(ctx, batch), system="aegis", bar=bar)
     point: dict[str, Any] = {"batch_size": batch, "requests": len(subset), "aegis": aegis.to_dict()}
@@ -58,6 +59,18 @@ def _point(
         point["hf_eager"] = eager.to_dict()
         point["ratio_vs_eager"] = ratio(aegis.tokens_per_s, eager.tokens_per_s)
     return point
+
+
+def _warm_up(ctx: BenchContext, batch_requests: list[GenerationRequest], batch: int) -> None:
+    """Untimed: the first batch of a new shape pays kernel selection; whichever system ran
+    first at a point would pay it. Same prompts, two new tokens, both systems."""
+    short = [
+        r.model_copy(update={"params": r.params.model_copy(update={"max_tokens": 2})})
+        for r in batch_requests
+    ]
+    runner(ctx).run(short, settings(ctx, batch), system="warm-up")
+    if ctx.wants("eager"):
+        peers.hf_static(ctx.model(), short, batch, "warm-up")
 
 
 def _compiled(

@@ -39,6 +39,7 @@ class AgentSettings(CommonSettings):
     high_watermark: float = Field(default=0.85, gt=0, lt=1)
     grow_target: float = Field(default=0.75, gt=0, lt=1)
     grow_factor: float = Field(default=2.0, gt=1)
+    backlog_grow_factor: float = Field(default=4.0, ge=1)  # stride cap with a deep queue
     shrink_factor: float = Field(default=0.75, gt=0, lt=1)
     min_batch: int = Field(default=1, ge=1)
     max_batch: int = Field(default=256, ge=1)

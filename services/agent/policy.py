@@ -11,7 +11,7 @@ Rules, first match wins (thresholds in :class:`PolicyConfig`):
 1. OOM -> halve the batch (at batch 1: lower precision from fp32, else cap the sequence
    length) and remember the (batch, length) shape: no later candidate of that batch or
    larger at that length or longer. OOMs of settings already replaced don't halve again.
-2. Predicted over budget (budget = total - other processes - overhead - safety margin;
+2. Predicted over budget (budget = (total - other processes) less safety margin and overhead;
    a neighbour just allocated, or prompts got longer) -> shrink at once to the largest
    batch the memory model fits, ignoring the cooldown; at batch 1, cap the length.
 3. Memory above the high watermark (after the shrink cooldown) -> at fp32 lower the
@@ -66,7 +66,7 @@ class _Context:
 
     now: float
     memory: MemoryView | None
-    pressure: float | None  # fraction of total memory in use by everything
+    pressure: float | None  # own use / (total - other processes' memory)
     budget: float | None  # bytes the worker's peak may reach (hard limit)
     neighbour_growth: int  # bytes other processes took since the last observation
     seq_len: int | None  # padded length of recent cycles
@@ -161,18 +161,21 @@ class AgentPolicy:
     def _pressure(
         self, mem: MemoryView | None, last: CycleStats | None
     ) -> tuple[float | None, float | None]:
-        """(fraction of the GPU in use, bytes the worker's peak may reach) or Nones.
+        """(this worker's share of the memory it can use, bytes its peak may reach) or Nones.
 
-        With a measured peak, in use = others + overhead + this worker's last peak: NVML's
-        own figure for the worker includes allocator cache that stays after a shrink.
+        The watermarks judge what the worker controls: its own use against the memory
+        other processes leave it. A neighbour's allocation shrinks that room (and the
+        budget) at once; memory the worker can't free never reads as its own pressure.
+        With a measured peak, own use = overhead + last peak: NVML's figure for the worker
+        includes allocator cache that stays after a shrink.
         """
         if mem is None or mem.total_bytes <= 0:
             return None, None
         cfg = self.config
         peak = last.memory_peak_bytes if last is not None else None
-        in_use = mem.other_bytes + cfg.overhead_bytes + peak if peak else mem.used_bytes
-        free = mem.total_bytes * (1 - cfg.safety_margin)
-        return in_use / mem.total_bytes, free - mem.other_bytes - cfg.overhead_bytes
+        own = cfg.overhead_bytes + peak if peak else max(0, mem.used_bytes - mem.other_bytes)
+        usable = max(1, mem.total_bytes - mem.other_bytes)
+        return own / usable, usable * (1 - cfg.safety_margin) - cfg.overhead_bytes
 
     def _neighbour_growth(self, state: WorkerControlState, mem: MemoryView | None) -> int:
         """Bytes other processes took since last time; freed memory lifts the ceilings."""
@@ -221,11 +224,11 @@ class AgentPolicy:
         )
 
     def _target_fit(self, state: WorkerControlState, ctx: _Context) -> int | None:
-        """Largest batch predicted to keep total memory under ``grow_target``."""
+        """Largest batch predicted to keep the worker under ``grow_target`` of its room."""
         if ctx.memory is None:
             return None
         cfg = self.config
-        room = ctx.memory.total_bytes * cfg.grow_target - ctx.memory.other_bytes
+        room = (ctx.memory.total_bytes - ctx.memory.other_bytes) * cfg.grow_target
         return self._fit_batch(state, ctx, room - cfg.overhead_bytes)
 
     def _change(
@@ -325,7 +328,8 @@ class AgentPolicy:
             why = f"{ctx.seq_len}-token sequences predicted {predicted / GIB:.1f} GiB"
         why += f" > budget {max(0.0, ctx.budget) / GIB:.1f} GiB"
         # Go straight to where growth would stop (grow_target), not just under the line.
-        fit = self._target_fit(state, ctx) or self._fit_batch(state, ctx, ctx.budget) or 0
+        fits = [self._target_fit(state, ctx), self._fit_batch(state, ctx, ctx.budget)]
+        fit = min((f for f in fits if f), default=0)
         if fit >= self.config.min_batch:
             batch = self._clamp(min(fit, s.batch_size - 1))
             return self._change(state, ctx, DecisionAction.SHRINK, why, batch_size=batch)
@@ -446,7 +450,15 @@ class AgentPolicy:
             limit = min(limit, held[0])
         fit = self._target_fit(state, ctx)
         limit = min(limit, fit if fit is not None else limit)
-        batch = self._clamp(min(limit, math.ceil(s.batch_size * cfg.grow_factor)))
+        stride = math.ceil(s.batch_size * cfg.grow_factor)
+        backlog = state.recent[-1].queue_depth if state.recent else 0
+        if fit is not None and backlog > stride:
+            # Requests are waiting beyond one stride: take a longer one (as far as memory
+            # fits) instead of doubling batch by batch while they wait. Capped, because
+            # the memory model has only seen the batches run so far.
+            longest = math.ceil(s.batch_size * max(cfg.grow_factor, cfg.backlog_grow_factor))
+            stride = min(backlog, longest)
+        batch = self._clamp(min(limit, stride))
         if batch <= s.batch_size:
             return None
         state.grow_from = (s.batch_size, bucket, ctx.now)

@@ -33,6 +33,8 @@ class PolicyConfig:
     high_watermark: float = 0.85
     grow_target: float = 0.75  # grows aim the predicted peak at most here
     grow_factor: float = 2.0
+    # With a backlog deeper than one stride, a grow may go up to this factor at once.
+    backlog_grow_factor: float = 4.0
     shrink_factor: float = 0.75  # a shrink under pressure cuts at least this much
     min_batch: int = 1
     max_batch: int = 256

@@ -80,7 +80,8 @@ class SimWorker:
         return MemoryView(self.total, used, self.other, used - self.other)
 
     def pressure(self) -> float:
-        return (self.other + OVERHEAD + self.last_peak) / self.total
+        # The worker's share of the room other processes leave it (as the policy reads it).
+        return (OVERHEAD + self.last_peak) / (self.total - self.other)
 
 
 @dataclass

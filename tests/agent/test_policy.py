@@ -51,6 +51,19 @@ def test_neighbour_allocation_shrinks_at_once_even_in_cooldown() -> None:
     assert max(trace.pressures[-50:]) < 0.85
 
 
+def test_a_neighbour_holding_most_of_the_card_is_not_this_workers_pressure() -> None:
+    # Another process already holds 70 of 80 GiB when the worker starts: the worker still
+    # grows into the 10 GiB left to it, and stops below the high watermark of that room.
+    policy, state = AgentPolicy(), new_state(batch=4)
+    sim = SimWorker(total=80 * GIB)
+    sim.other = 70 * GIB
+    trace = drive(policy, state, sim, 300)
+    assert set(trace.actions()) == {DecisionAction.GROW}
+    assert state.settings.batch_size > 4
+    assert sim.ooms == []
+    assert max(trace.pressures) < 0.85
+
+
 def test_oom_storm_halves_remembers_shape_and_settles() -> None:
     # The prior badly underestimates this model: the first big batch OOMs.
     sim = SimWorker(total=12 * GIB)
@@ -120,14 +133,20 @@ def test_length_capped_when_even_one_sequence_does_not_fit() -> None:
     assert sim.fits(1, state.settings.max_seq_len, "bf16")
 
 
-def test_throughput_plateau_backs_off_to_best_batch() -> None:
+@pytest.mark.parametrize(
+    ("queue_depth", "batches"),
+    [(0, [16, 32, 64, 32]),  # no backlog: hill climbing doubles
+     (1000, [32, 128, 32])],  # a deep backlog: strides of 4x, then back to the best
+)  # fmt: skip
+def test_throughput_plateau_backs_off_to_best_batch(queue_depth: int, batches: list[int]) -> None:
     def flat_after_32(batch: int) -> float:
         return 100.0 * min(batch, 32) * (0.97 if batch > 32 else 1.0)
 
     sim = SimWorker(total=80 * GIB, prompt_len=200, new_tokens=100, tps=flat_after_32)
+    sim.queue_depth = queue_depth
     policy, state = AgentPolicy(), new_state(batch=8)
     trace = drive(policy, state, sim, 200)
-    assert [d.after.batch_size for _, d in trace.decisions] == [16, 32, 64, 32]
+    assert [d.after.batch_size for _, d in trace.decisions] == batches
     back = trace.decisions[-1][1]
     assert back.action == DecisionAction.SHRINK
     assert "best-known batch 32" in back.reason

@@ -152,11 +152,12 @@ def test_oom_and_neighbour_shrink(
     after_oom = store.read(WORKER)
     assert after_oom is not None and (after_oom.version, after_oom.batch_size) == (2, 4)
 
-    # Steady state on a roomy GPU, then a neighbour takes 70 GiB: no new cycle needed.
+    # Steady state on a roomy GPU, then a neighbour takes 77 of the 80 GiB, leaving less
+    # than this worker's peak: it shrinks at once, no new cycle needed.
     send_telemetry(redis_client, keys, telemetry(used=4 * GIB, worker_bytes=4 * GIB))
     publish_event(redis_client, keys, cycle(4, version=2, peak=3 * GIB), maxlen=1000)
     service.step(block_ms=200)
-    send_telemetry(redis_client, keys, telemetry(74 * GIB, 4 * GIB, other_bytes=70 * GIB))
+    send_telemetry(redis_client, keys, telemetry(80 * GIB, 3 * GIB, other_bytes=77 * GIB))
     made = service.step(block_ms=200)
     assert [d.action.value for d in made] == ["shrink"]
     assert "other processes" in made[0].reason
