@@ -7,6 +7,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 import redis
@@ -24,6 +25,7 @@ def _worker(name: str, env: dict[str, str], tmp: Path, **extra: str) -> Service:
         "AEGIS_WORKER_ID": name,
         "AEGIS_MODEL": "synthetic:tiny",
         "AEGIS_DEVICE": "cpu",
+        "AEGIS_WORKER_METRICS_PORT": str(free_port()),
         **extra,
     }
     return Service(name, python_module("services.worker"), worker_env, tmp)
@@ -79,6 +81,17 @@ def test_completions_are_batched_and_recorded(
         )
         pieces = [chunk.choices[0].text for chunk in streamed if chunk.choices]
         assert len(pieces) >= 2
+        worker_metrics = _metrics(f"http://127.0.0.1:{worker.env['AEGIS_WORKER_METRICS_PORT']}")
+        answered = sum(
+            v for k, v in worker_metrics.items() if k.startswith("aegis_worker_requests_total")
+        )
+        assert answered == 66
+        assert worker_metrics['aegis_worker_cycles_total{worker="w-batch"}'] < 66  # batched
+        gateway_metrics = _metrics(gateway)
+        assert (
+            gateway_metrics['aegis_gateway_requests_total{route="/v1/completions",status="200"}']
+            == 65
+        )
     finally:
         assert worker.stop() == 0, worker.log()
     records = open_records(system_env["AEGIS_DATABASE_URL"])
@@ -125,6 +138,17 @@ def test_a_killed_worker_loses_no_request(
     records = open_records(system_env["AEGIS_DATABASE_URL"])
     answered_by = {r["worker_id"] for r in records.fetch("requests")}
     assert "w-rescuer" in answered_by
+
+
+def _metrics(base: str) -> dict[str, float]:
+    """``/metrics`` of a service as {'name{labels}': value}."""
+    text = httpx.get(f"{base}/metrics", timeout=5).text
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    return samples
 
 
 def _pending_of(client: redis.Redis, keys: Keys, worker_id: str) -> int:

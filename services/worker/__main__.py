@@ -10,6 +10,7 @@ import redis
 
 from services.worker.config import WorkerSettings
 from services.worker.engine import HFGenerateEngine
+from services.worker.metrics import WorkerMetrics
 from services.worker.model import load_model, resolve_device, resolve_precision
 from services.worker.service import Worker
 from shared.db.writer import RecordWriter
@@ -40,7 +41,10 @@ def main() -> int:
         spill_dir=settings.data_dir / "spill" / settings.worker_id,
         retention_hours=settings.retention_hours,
     )
-    worker = Worker(settings, client, writer, loaded, engine)
+    metrics = WorkerMetrics(settings.worker_id)
+    if settings.worker_metrics_port:
+        metrics.serve(settings.worker_metrics_port, settings.worker_metrics_host)
+    worker = Worker(settings, client, writer, loaded, engine, metrics)
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: worker.stop())
     try:

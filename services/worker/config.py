@@ -35,6 +35,9 @@ class WorkerSettings(CommonSettings):
     lookahead_factor: float = Field(default=2.0, ge=1.0)
     poll_block_ms: int = Field(default=500, ge=1)
     events_maxlen: int = Field(default=10_000, ge=100)
+    # Prometheus /metrics of this worker (0: not served). One port per worker on a host.
+    worker_metrics_port: int = Field(default=9400, ge=0, le=65535)
+    worker_metrics_host: str = "127.0.0.1"
     # Testing and benchmark hooks: a fraction of GPU memory this process may use, and an
     # injected OOM for batches over this many tokens (0 = off) to exercise the guard on CPU.
     gpu_memory_fraction: float = Field(default=0.0, ge=0.0, le=1.0)

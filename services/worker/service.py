@@ -18,6 +18,7 @@ import redis
 
 from services.worker.config import WorkerSettings
 from services.worker.engine import BatchLimits, BatchOutcome, Engine, RequestOutcome
+from services.worker.metrics import WorkerMetrics
 from services.worker.model import LoadedModel, model_info
 from services.worker.oom import OomInfo, run_with_oom_guard
 from services.worker.precision import PrecisionUnavailable
@@ -62,8 +63,10 @@ class Worker:
         writer: RecordWriter,
         loaded: LoadedModel,
         engine: Engine,
+        metrics: WorkerMetrics | None = None,
     ) -> None:
         self.settings = settings
+        self.metrics = metrics or WorkerMetrics(settings.worker_id)
         self.client = client
         self.writer = writer
         self.loaded = loaded
@@ -182,6 +185,7 @@ class Worker:
         precision = self._switch_precision(settings.precision)
         max_seq = min(settings.max_seq_len, self.loaded.context_length)
         self.applied = settings.model_copy(update={"max_seq_len": max_seq, "precision": precision})
+        self.metrics.settings(self.applied)
         log.info(
             "settings v%d applied: batch %d, max_seq_len %d, %s (%s)",
             settings.version,
@@ -269,6 +273,7 @@ class Worker:
 
     def _on_oom(self, info: OomInfo) -> None:
         self._oom_events += 1
+        self.metrics.oom()
         event = OomEvent(
             worker_id=self.settings.worker_id,
             gpu_index=_gpu_index(self.loaded.device),
@@ -303,6 +308,7 @@ class Worker:
             outcome = by_id[delivery.request.id]
             result = outcome.to_result(delivery.request, self.loaded.name, self.settings.worker_id)
             if self.queue.publish_result(result):
+                self.metrics.result(result)
                 self.writer.submit(self._request_record(delivery.request, result, settings))
         self.queue.ack([d.entry_id for d in batch])
         with self._held_lock:
@@ -352,6 +358,7 @@ class Worker:
         )
         self.cycles += 1
         self._precision_saved = None
+        self.metrics.cycle(cycle)
         publish_event(self.client, self.keys, cycle, self.settings.events_maxlen)
         self.writer.submit(cycle)
         log.info(

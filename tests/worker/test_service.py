@@ -70,6 +70,14 @@ def test_new_settings_apply_at_the_next_batch(worker, redis_client, keys) -> Non
     ]
     assert cycles[0]["precision_saved_bytes"] is None
     assert cycles[1]["precision_saved_bytes"] > 0  # fp32 -> bf16 halves the weights
+    metric = loop.metrics.registry.get_sample_value
+    labels = {"worker": "w-unit"}
+    assert metric("aegis_worker_cycles_total", labels) == 2
+    assert metric("aegis_worker_batch_size_setting", labels) == 8
+    assert metric("aegis_worker_settings_version", labels) == 2
+    assert metric("aegis_worker_precision", {**labels, "aegis_worker_precision": "bf16"}) == 1
+    assert metric("aegis_worker_requests_total", {**labels, "finish_reason": "length"}) == 12
+    assert metric("aegis_worker_tokens_generated_total", labels) == 36
 
 
 def test_an_unavailable_precision_is_refused_without_stopping(worker, redis_client, keys) -> None:
