@@ -19,12 +19,9 @@ or its cycles' ``gpu_index``; its own memory is told apart from other processes'
 from __future__ import annotations
 
 import logging
-import signal
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from types import FrameType
 from typing import Any, Protocol
 
 import redis
@@ -44,6 +41,7 @@ from services.agent.policy import (
 from shared.control import ControlStore
 from shared.events import parse_event
 from shared.keys import Keys
+from shared.lifecycle import Stoppable
 from shared.schemas import CycleStats, Decision, OomEvent, TelemetrySample, WorkerInfo, load
 
 log = logging.getLogger(__name__)
@@ -74,7 +72,7 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-class AgentService:
+class AgentService(Stoppable):
     """Runs the policy for every worker seen on the events stream; see the module doc."""
 
     def __init__(
@@ -93,7 +91,7 @@ class AgentService:
         self.policy = AgentPolicy(settings.policy_config())
         self.workers: dict[str, _Worker] = {}
         self.telemetry: dict[str, TelemetrySample] = {}  # host -> latest sample
-        self.stopping = threading.Event()
+        super().__init__()
         self.last_ids: dict[str, str] = {}
         self._fresh_telemetry = False
         self._redis_down = False
@@ -279,14 +277,3 @@ class AgentService:
                 log.exception("agent turn failed")
                 self.stopping.wait(1.0)
         log.info("agent stopped")
-
-    def stop(self, signum: int | None = None, _frame: FrameType | None = None) -> None:
-        """End the loop after the current turn (usable as a signal handler)."""
-        if signum is not None:
-            log.info("signal %d received; stopping", signum)
-        self.stopping.set()
-
-    def install_signal_handlers(self) -> None:
-        """Stop gracefully on SIGTERM and SIGINT (main thread only)."""
-        signal.signal(signal.SIGTERM, self.stop)
-        signal.signal(signal.SIGINT, self.stop)

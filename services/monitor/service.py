@@ -10,10 +10,7 @@ the monitor. SIGTERM / SIGINT end the loop after the current tick.
 from __future__ import annotations
 
 import logging
-import signal
-import threading
 import time
-from types import FrameType
 from typing import Protocol
 
 import redis
@@ -22,6 +19,7 @@ from pydantic import BaseModel
 from services.monitor.config import MonitorSettings
 from services.monitor.nvml import TelemetryReader
 from shared.keys import Keys
+from shared.lifecycle import Stoppable
 from shared.schemas import TelemetrySample, dump
 
 log = logging.getLogger(__name__)
@@ -35,7 +33,7 @@ class Recorder(Protocol):
     def submit(self, record: BaseModel) -> None: ...
 
 
-class MonitorService:
+class MonitorService(Stoppable):
     """Publishes one telemetry sample per ``interval_s`` until :meth:`stop`."""
 
     def __init__(
@@ -50,7 +48,7 @@ class MonitorService:
         self.reader = reader
         self.recorder = recorder
         self.keys = Keys(settings.key_prefix)
-        self.stopping = threading.Event()
+        super().__init__()
         self._redis_down = False
 
     def publish(self, sample: TelemetrySample) -> bool:
@@ -101,14 +99,3 @@ class MonitorService:
             next_at = max(next_at + interval, time.monotonic())
             self.stopping.wait(max(0.0, next_at - time.monotonic()))
         log.info("monitor stopped")
-
-    def stop(self, signum: int | None = None, _frame: FrameType | None = None) -> None:
-        """Ask the loop to end after the current tick (usable as a signal handler)."""
-        if signum is not None:
-            log.info("signal %d received; stopping", signum)
-        self.stopping.set()
-
-    def install_signal_handlers(self) -> None:
-        """Stop gracefully on SIGTERM and SIGINT (main thread only)."""
-        signal.signal(signal.SIGTERM, self.stop)
-        signal.signal(signal.SIGINT, self.stop)

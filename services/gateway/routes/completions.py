@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel
 
 from services.gateway.deps import GeneratorDep, ModelDep, SettingsDep
-from services.gateway.planning import plan_chat, plan_completion
+from services.gateway.generation import Generator
+from services.gateway.planning import Plan, plan_chat, plan_completion
 from services.gateway.responses import (
     ChatChunks,
+    ChunkFormat,
     CompletionChunks,
     chat_response,
     completion_response,
     event_stream,
 )
 from services.gateway.schemas import ChatRequest, CompletionRequest, dump_json
+from shared.schemas import GenerationResult
 
 router = APIRouter(prefix="/v1", tags=["generation"])
 
@@ -27,18 +33,14 @@ async def create_completion(
 ) -> JSONResponse | StreamingResponse:
     """Complete a prompt (or a list of prompts); streams server-sent events if asked."""
     plan = plan_completion(body, model, settings)
-    await generator.submit(plan.requests)
-    if body.stream:
-        return StreamingResponse(
-            event_stream(plan, generator, CompletionChunks()),
-            media_type="text/event-stream",
-            headers=SSE_HEADERS,
-        )
-    results = await generator.collect(plan.requests)
-    response = completion_response(
-        plan.response_id, plan.created, plan.model_name, plan.synthetic, plan.prompt_tokens, results
-    )
-    return JSONResponse(dump_json(response))
+
+    def respond(results: list[GenerationResult]) -> BaseModel:
+        return completion_response(
+            plan.response_id, plan.created, plan.model_name, plan.synthetic,
+            plan.prompt_tokens, results,
+        )  # fmt: skip
+
+    return await _answer(plan, bool(body.stream), generator, CompletionChunks(), respond)
 
 
 @router.post("/chat/completions", response_model=None)
@@ -47,12 +49,25 @@ async def create_chat_completion(
 ) -> JSONResponse | StreamingResponse:
     """Continue a conversation as the assistant; streams server-sent events if asked."""
     plan = plan_chat(body, model, settings)
+
+    def respond(results: list[GenerationResult]) -> BaseModel:
+        return chat_response(plan, results)
+
+    return await _answer(plan, bool(body.stream), generator, ChatChunks(), respond)
+
+
+async def _answer(
+    plan: Plan,
+    stream: bool,
+    generator: Generator,
+    chunks: ChunkFormat,
+    respond: Callable[[list[GenerationResult]], BaseModel],
+) -> JSONResponse | StreamingResponse:
+    """Queue the plan's requests, then stream their events or wait for every answer."""
     await generator.submit(plan.requests)
-    if body.stream:
+    if stream:
         return StreamingResponse(
-            event_stream(plan, generator, ChatChunks()),
-            media_type="text/event-stream",
+            event_stream(plan, generator, chunks), media_type="text/event-stream",
             headers=SSE_HEADERS,
-        )
-    results = await generator.collect(plan.requests)
-    return JSONResponse(dump_json(chat_response(plan, results)))
+        )  # fmt: skip
+    return JSONResponse(dump_json(respond(await generator.collect(plan.requests))))
