@@ -117,10 +117,27 @@ def test_oom_aegis_recovers_where_static_fails(core: tuple[Path, dict[str, Any]]
         assert aegis["tokens"] == _asked(name)
         assert aegis["oom_events"] >= 1 and aegis["recoveries"] >= 1
         assert static["crashed"] is True and static["failed"] > 0 and static["oom_events"] >= 1
-    w3 = oom["W3"]["aegis"]
-    assert 0 < w3["t_spike_s"] <= w3["t_release_s"] <= w3["seconds"]
-    assert w3["tokens_per_s_before"] > 0
     assert oom["W4"]["static"]["failed"] == oom["W4"]["requests"]  # every batch too big
+
+
+def test_w3_neighbour_spike_is_time_based(core: tuple[Path, dict[str, Any]]) -> None:
+    w3 = core[1]["scenarios"]["oom"]["W3"]
+    timing = w3["config"]["neighbour"]
+    start, hold = timing["start_s"], timing["hold_s"]
+    for key in ("aegis", "static"):
+        run = w3[key]
+        # The neighbour's own timer, not request progress: it lands start_s after the
+        # run starts (plus its allocation and signalling latency) and is held hold_s.
+        assert run["spike_landed"] is True and run["neighbour_spike_bytes"] > 0
+        assert start * 0.9 <= run["t_spike_s"] <= start + 0.3, run
+        assert run["t_spike_s"] <= run["t_release_s"] <= run["seconds"]
+        held = run["t_release_s"] - run["t_spike_s"]
+        if run["t_release_s"] < run["seconds"]:  # freed by its timer, not the run's end
+            assert hold * 0.9 <= held <= hold + 0.3, run
+        assert run["tokens_per_s_before"] > 0
+    # The static server lost requests to the spike; AEGIS lost none and split batches.
+    assert w3["static"]["failed"] > 0 and w3["static"]["crashed"] is True
+    assert w3["aegis"]["failed"] == 0 and w3["aegis"]["recoveries"] >= 1
 
 
 def test_markdown_and_plots(core: tuple[Path, dict[str, Any]]) -> None:
