@@ -17,7 +17,8 @@ if [ "$what" = tests ]; then
   python3 -m pytest -m gpu tests/gpu -v -p no:cacheprovider 2>&1 | tee -a "$OUT/gpu_tests.log"
   exit 0
 fi
-python3 -m experiments.benchmark --scenario "$what" --scale full --device cuda \
+# BENCH_TIMEOUT (s) stops a long run early; results.json keeps every finished scenario.
+timeout -s INT "${BENCH_TIMEOUT:-3600}" python3 -m experiments.benchmark --scenario "$what" --scale full --device cuda \
   --out results/gpu --no-progress "$@"
 rc=$?
 cp results/gpu/*.json results/gpu/*.md results/gpu/*.png "$OUT/" 2>/dev/null
