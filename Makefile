@@ -1,7 +1,7 @@
 # Two commands matter on a fresh machine: `make run` and `make test` (see README).
 .PHONY: run test lint install clean
 
-PY_SOURCES = shared services experiments tests aegis_cli.py
+PY_SOURCES = shared services experiments tests scripts aegis_cli.py
 
 install: .venv/.installed
 

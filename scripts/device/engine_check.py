@@ -9,12 +9,12 @@ import time
 import torch
 
 sys.path.insert(0, os.getcwd())
-from services.worker.engine import BatchLimits, HFGenerateEngine, combine_outcomes  # noqa: E402
-from services.worker.model import load_model, model_info  # noqa: E402
-from services.worker.oom import run_with_oom_guard  # noqa: E402
-from services.worker.precision import apply_precision, int8_support  # noqa: E402
-from services.worker.scheduler import select_batch  # noqa: E402
-from shared.schemas import GenerationRequest, SamplingParams  # noqa: E402
+from services.worker.engine import BatchLimits, HFGenerateEngine, combine_outcomes
+from services.worker.model import load_model, model_info
+from services.worker.oom import run_with_oom_guard
+from services.worker.precision import apply_precision, int8_support
+from services.worker.scheduler import select_batch
+from shared.schemas import GenerationRequest, SamplingParams
 
 report = {}
 OUT = os.environ.get("OUT", "/tmp")
@@ -51,7 +51,7 @@ rng = random.Random(0)
 reqs = [make(i, n, 16, rng) for i, n in enumerate([5, 40, 130, 77])]
 batch = engine.run(reqs, limits)
 alone = [engine.run([r], limits).results[0] for r in reqs]
-log("batch_vs_alone_equal", [a.text == b.text for a, b in zip(batch.results, alone)])
+log("batch_vs_alone_equal", [a.text == b.text for a, b in zip(batch.results, alone, strict=True)])
 log(
     "mem_stats",
     [batch.memory_allocated_bytes, batch.memory_peak_bytes, batch.memory_reserved_bytes],
