@@ -98,10 +98,19 @@ def timed(device: str) -> Iterator[list[float]]:
 
 
 def rate_between(timeline: Sequence[Sequence[float]], start: float, end: float) -> float:
-    """Tokens/s of the batches that ended in ``(start, end]`` (``[t_end, tokens]`` rows)."""
+    """Tokens/s in ``[start, end]`` from ``[t_start, t_end, tokens]`` rows.
+
+    A batch's tokens are spread evenly over its duration (they are generated step by
+    step), so a batch that straddles a boundary counts on both sides in proportion.
+    """
     if end <= start:
         return 0.0
-    return sum(tokens for t_end, tokens in timeline if start < t_end <= end) / (end - start)
+    tokens = 0.0
+    for t_start, t_end, count in timeline:
+        overlap = min(end, t_end) - max(start, t_start)
+        if overlap > 0:
+            tokens += count * overlap / max(t_end - t_start, 1e-9)
+    return tokens / (end - start)
 
 
 def environment(device: str) -> dict[str, Any]:

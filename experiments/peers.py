@@ -79,6 +79,7 @@ def hf_static(
         began = time.perf_counter()
         for start in range(0, len(requests), batch_size):
             chunk = list(requests[start : start + batch_size])
+            batch_began = time.perf_counter() - began
             rows = chunk + [chunk[-1]] * (batch_size - len(chunk)) if static_cache else chunk
             useful = _static_batch(
                 loaded, rows, chunk, width, max_new, static_cache, compile_ok, fault
@@ -94,7 +95,7 @@ def hf_static(
                 result.completed += len(chunk)
             sync(loaded.device)
             elapsed = time.perf_counter() - began
-            timeline.append([round(elapsed, 4), useful])
+            timeline.append([round(batch_began, 4), round(elapsed, 4), useful])
             if bar is not None:
                 bar.update(len(chunk))
             if on_batch is not None:

@@ -270,5 +270,5 @@ def cycles_dicts(cycles: Sequence[CycleRecord]) -> list[dict[str, Any]]:
 
 
 def timeline(cycles: Sequence[CycleRecord]) -> list[list[float]]:
-    """``[seconds since start, tokens]`` per cycle (the form :func:`rate_between` reads)."""
-    return [[c.t_end, c.tokens] for c in cycles]
+    """``[start, end, tokens]`` per cycle, seconds since the run began (see rate_between)."""
+    return [[max(0.0, c.t_end - c.seconds), c.t_end, c.tokens] for c in cycles]

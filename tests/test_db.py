@@ -5,9 +5,11 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from shared.config import CommonSettings
@@ -260,3 +262,25 @@ def test_concurrent_opens_of_a_fresh_database(db: DbTarget) -> None:
     for thread in threads:
         thread.join()
     assert errors == []
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_a_reader_that_does_not_create_sees_empty_tables_until_a_writer_makes_them(
+    backend: str, tmp_path, postgres_url: str
+) -> None:
+    if backend == "sqlite":
+        url, schema = f"sqlite:///{tmp_path / 'ro.db'}", None
+    else:
+        url, schema = postgres_url, f"ro_{uuid.uuid4().hex[:8]}"
+    reader = open_records(url, schema=schema, create=False)
+    try:
+        assert reader.fetch("cycles") == [] and reader.workers() == []
+        writer = open_records(url, schema=schema)
+        writer.add_cycles([cycle(5.0, "late")])
+        assert [row["worker_id"] for row in reader.fetch("cycles")] == ["late"]
+        writer.close()
+    finally:
+        reader.close()
+        if schema:
+            with psycopg.connect(postgres_url, autocommit=True) as conn:
+                conn.execute(f'DROP SCHEMA "{schema}" CASCADE')

@@ -76,7 +76,7 @@ def connect(url: str, timeout_s: float = 2.0) -> Records:
     """Open the records at ``url`` (see module docstring: never on a missing SQLite file)."""
     if database_missing(url):
         raise FileNotFoundError(f"no database file at {sqlite_path(url)}")
-    return open_records(url, timeout_s=timeout_s)
+    return open_records(url, timeout_s=timeout_s, create=False)  # read-only: create nothing
 
 
 def load_snapshot(records: Records, since: float | None, max_rows: int) -> Snapshot:

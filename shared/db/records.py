@@ -46,11 +46,20 @@ class DatabaseUnavailable(RecordsError):
 class Records:
     """Write and read the AEGIS records; see :func:`open_records`."""
 
-    def __init__(self, backend: Backend) -> None:
+    def __init__(self, backend: Backend, *, create: bool = True) -> None:
         self.backend = backend
         self._lock = threading.RLock()
         self._conn: Any = None
-        self._create_tables()
+        # Tables not there when a reader opened without creating: they read as empty.
+        self._absent: set[str] = set()
+        if create:
+            self._create_tables()
+        else:
+            self._absent = self._find_absent()
+
+    def _find_absent(self) -> set[str]:
+        with self._connection() as conn:
+            return {name for name in TABLES if not self.backend.columns_of(conn, name)}
 
     def _create_tables(self) -> None:
         """Create missing tables and indexes, and add columns new fields brought."""
@@ -127,6 +136,10 @@ class Records:
             spec, self.backend.placeholder, since, until, worker_id, limit
         )
         with self._connection() as conn:
+            if table in self._absent:
+                if not self.backend.columns_of(conn, table):
+                    return []
+                self._absent.discard(table)  # a writer created it since
             rows = self.backend.query(conn, statement, params)
         return [decode_row(spec, row) for row in rows]
 
@@ -193,15 +206,18 @@ class Records:
                 log.debug("closing a broken database connection failed", exc_info=True)
 
 
-def open_records(url: str, *, schema: str | None = None, timeout_s: float = 5.0) -> Records:
-    """Open the store at ``url``, creating its tables (idempotent).
+def open_records(
+    url: str, *, schema: str | None = None, timeout_s: float = 5.0, create: bool = True
+) -> Records:
+    """Open the store at ``url``, creating its tables (idempotent) unless ``create`` is
+    False (a read-only reader such as the dashboard: missing tables read as empty).
 
     ``sqlite:///abs/path.db`` (parent directory created) or ``postgresql://...``;
     ``schema`` (Postgres only) puts the tables in that schema, created if needed.
     ``timeout_s`` bounds waiting for a lock (SQLite) or a connection (Postgres).
     ValueError for a bad URL; DatabaseUnavailable when the database does not answer.
     """
-    return Records(backend_for(url, schema=schema, timeout_s=timeout_s))
+    return Records(backend_for(url, schema=schema, timeout_s=timeout_s), create=create)
 
 
 def _table(name: str) -> Table:

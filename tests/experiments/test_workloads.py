@@ -75,7 +75,10 @@ def test_cli_lists_and_rates() -> None:
         scenarios_of("sweep,bogus")
     assert peers_of("none") == ()
     assert peers_of("cb,eager") == ("cb", "eager")
-    timeline = [[1.0, 100], [2.0, 100], [4.0, 50]]
+    timeline = [[0.0, 1.0, 100], [1.0, 2.0, 100], [2.0, 4.0, 50]]
     assert rate_between(timeline, 0.0, 2.0) == 100.0
     assert rate_between(timeline, 2.0, 4.0) == 25.0
     assert rate_between(timeline, 3.0, 3.0) == 0.0
+    # A batch straddling the boundary counts on both sides in proportion to its time.
+    assert rate_between(timeline, 0.5, 1.5) == 100.0
+    assert rate_between(timeline, 3.0, 4.0) == 25.0

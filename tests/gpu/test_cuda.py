@@ -67,7 +67,9 @@ def test_real_cuda_oom_is_survived_by_splitting(capped_tinyllama) -> None:
 
 
 def test_nvml_sees_memory_allocated_on_the_gpu() -> None:
-    # Blocks cached by earlier tests would serve the allocation without NVML seeing it.
+    # Blocks cached by earlier tests would serve the allocation without NVML seeing it,
+    # and the capped fixture's memory fraction would refuse it.
+    torch.cuda.set_per_process_memory_fraction(1.0, 0)
     torch.cuda.empty_cache()
     reader = TelemetryReader()
     before = reader.read()
