@@ -12,6 +12,7 @@ import os
 import socket
 import statistics
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import redis
@@ -85,6 +86,7 @@ class Worker:
         self.applied = ControlSettings(version=-1)
         self.cycles = 0
         self._precision_saved: int | None = None  # measured at a change, recorded once
+        self._oom_events = 0
         self._stop = threading.Event()
         self._held_lock = threading.Lock()
 
@@ -160,8 +162,10 @@ class Worker:
         if not batch:
             return False
         started = now()
+        self._oom_events = 0  # counted by _on_oom while the guard runs the batch
         outcomes = self._run(batch, settings)
-        self._answer(batch, outcomes, settings, started)
+        self._answer(batch, [r for outcome in outcomes for r in outcome.results], settings)
+        self._record_cycle(batch, outcomes, settings, started)
         return True
 
     def current_settings(self) -> ControlSettings:
@@ -258,18 +262,15 @@ class Worker:
             self.buffer = [d for d in self.buffer if d.request.id not in chosen]
         return self.inflight
 
-    def _run(self, batch: list[Delivery], settings: ControlSettings) -> list[RequestOutcome]:
+    def _run(self, batch: list[Delivery], settings: ControlSettings) -> list[BatchOutcome]:
+        """The engine's outcomes: one, or several when the OOM guard split the batch."""
         limits = BatchLimits(max_seq_len=settings.max_seq_len)
         requests = [d.request for d in batch]
-        self._oom_events = 0
 
         def run(part: list[GenerationRequest]) -> BatchOutcome:
             return self.engine.run(part, limits, on_text=self.queue.publish_deltas)
 
-        self._outcomes = run_with_oom_guard(
-            run, requests, on_oom=self._on_oom, on_fail=self.engine.fail
-        )
-        return [o for outcome in self._outcomes for o in outcome.results]
+        return run_with_oom_guard(run, requests, on_oom=self._on_oom, on_fail=self.engine.fail)
 
     def _on_oom(self, info: OomInfo) -> None:
         self._oom_events += 1
@@ -297,12 +298,9 @@ class Worker:
         self.writer.submit(event)
 
     def _answer(
-        self,
-        batch: list[Delivery],
-        results: list[RequestOutcome],
-        settings: ControlSettings,
-        started: float,
+        self, batch: list[Delivery], results: list[RequestOutcome], settings: ControlSettings
     ) -> None:
+        """Publish each answer (once), record it, then ack the whole batch."""
         by_id = {r.request_id: r for r in results}
         for delivery in batch:
             outcome = by_id[delivery.request.id]
@@ -313,7 +311,6 @@ class Worker:
         self.queue.ack([d.entry_id for d in batch])
         with self._held_lock:
             self.inflight = []
-        self._record_cycle(batch, results, settings, started)
 
     def _request_record(
         self, request: GenerationRequest, result: GenerationResult, settings: ControlSettings
@@ -335,11 +332,11 @@ class Worker:
     def _record_cycle(
         self,
         batch: list[Delivery],
-        results: list[RequestOutcome],
+        outcomes: list[BatchOutcome],
         settings: ControlSettings,
         started: float,
     ) -> None:
-        stats = cycle_stats(self._outcomes, batch, started)
+        stats = cycle_stats(outcomes, batch, started)
         memory = device_memory(self.loaded.device)
         cycle = CycleStats(
             worker_id=self.settings.worker_id,
@@ -407,8 +404,8 @@ def _percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[index]
 
 
-def _max_of(values: object) -> int | None:
-    present = [v for v in values if v is not None]  # type: ignore[attr-defined]
+def _max_of(values: Iterable[int | None]) -> int | None:
+    present = [v for v in values if v is not None]
     return max(present) if present else None
 
 

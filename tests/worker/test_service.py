@@ -108,3 +108,33 @@ def test_a_redelivered_request_is_answered_once(worker, redis_client, keys) -> N
     assert queue.depth() == 0
     events = redis_client.xlen(keys.result(request_id))
     assert events == 1
+
+
+def test_an_oom_mid_batch_is_split_recorded_and_loses_nothing(
+    tiny, redis_client, keys, aegis_env, tmp_path: Path
+) -> None:
+    settings = WorkerSettings(worker_id="w-oom", model="synthetic:tiny", device="cpu",
+                              batch_size=8, poll_block_ms=50)  # fmt: skip
+    url = f"sqlite:///{tmp_path / 'oom.db'}"
+    writer = RecordWriter(url, flush_interval_s=0.05)
+    tiny.model.float()
+    tiny.precision = "fp32"
+    # Batches of more than 20 padded tokens "run out of memory": 8 rows of 3 + 3 do.
+    engine = HFGenerateEngine(tiny, inject_oom_above_tokens=20)
+    loop = Worker(settings, redis_client, writer, tiny, engine)
+    ids = _submit(redis_client, keys, 8)
+    assert loop.step()
+    writer.close()
+    queue = WorkerQueue(redis_client, keys, "checker")
+    results = [queue.wait_result(request_id, timeout_s=1) for request_id in ids]
+    assert all(r is not None and r.error is None and r.completion_tokens == 3 for r in results)
+    records = open_records(url)
+    [cycle] = records.fetch("cycles")
+    ooms = records.fetch("oom_events")
+    assert cycle["batch_size"] == 8 and cycle["oom_events"] == len(ooms) >= 1
+    assert all(o["recovered"] for o in ooms) and ooms[0]["batch_size"] == 8
+    assert loop.metrics.registry.get_sample_value(
+        "aegis_worker_oom_events_total", {"worker": "w-oom"}) == len(ooms)  # fmt: skip
+    assert [e[1][b"kind"] for e in redis_client.xrange(keys.events_stream)].count(b"oom") == len(
+        ooms
+    )
