@@ -76,14 +76,6 @@ def peak_bytes(device: str) -> int | None:
     return int(torch.cuda.max_memory_allocated()) if is_cuda(device) else None
 
 
-def gpu_memory(device: str) -> tuple[int, int] | None:
-    """(used by every process, total) bytes of the GPU as the driver sees it."""
-    if not is_cuda(device):
-        return None
-    free, total = torch.cuda.mem_get_info()
-    return int(total - free), int(total)
-
-
 @contextmanager
 def timed(device: str) -> Iterator[list[float]]:
     """``with timed(dev) as t:`` ... then ``t[0]`` holds the seconds, device work included."""

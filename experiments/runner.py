@@ -10,7 +10,6 @@ are applied at the next batch boundary, as the real worker applies the control h
 
 from __future__ import annotations
 
-import statistics
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -18,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from experiments.context import Bar
-from experiments.measure import RunResult, gpu_memory, sync
+from experiments.measure import RunResult, sync
 from services.agent.memory_model import Coefficients, MemoryModel
 from services.agent.policy import (
     AgentPolicy,
@@ -31,6 +30,7 @@ from services.agent.policy import (
 from services.worker.engine import BatchLimits, BatchOutcome, HFGenerateEngine, combine_outcomes
 from services.worker.oom import OomInfo, run_with_oom_guard
 from services.worker.scheduler import select_batch
+from services.worker.stats import CycleContext, cycle_stats
 from shared.schemas import ControlSettings, CycleStats, GenerationRequest, OomEvent
 
 WORKER_ID = "bench"
@@ -225,31 +225,11 @@ class AegisRunner:
         )
 
     def _cycle_stats(self, ran: _Batch, settings: ControlSettings, queue_depth: int) -> CycleStats:
-        out = ran.outcome
-        memory = gpu_memory(self.device)
-        lengths = [r.prompt_len for r in ran.requests]
-        return CycleStats(
-            worker_id=WORKER_ID,
-            settings_version=settings.version,
-            settings_reason=settings.reason,
-            batch_size=len(ran.requests),
-            max_prompt_len=max(lengths),
-            mean_prompt_len=statistics.fmean(lengths),
-            max_new_tokens=max(r.params.max_tokens for r in ran.requests),
-            precision=self.engine.precision,
-            max_seq_len=settings.max_seq_len,
-            tokens_generated=out.tokens_generated,
-            tokens_per_s=out.tokens_generated / ran.seconds if ran.seconds > 0 else 0.0,
-            latency_s=ran.seconds,
-            padding_ratio=out.padding_ratio,
-            memory_allocated_bytes=out.memory_allocated_bytes,
-            memory_peak_bytes=out.memory_peak_bytes,
-            memory_reserved_bytes=out.memory_reserved_bytes,
-            nvml_used_bytes=memory[0] if memory else None,
-            nvml_total_bytes=memory[1] if memory else None,
-            queue_depth=queue_depth,
-            oom_events=len(ran.ooms),
-        )
+        ctx = CycleContext(
+            worker_id=WORKER_ID, device=self.device, settings=settings, latency_s=ran.seconds,
+            queue_depth=queue_depth, oom_events=len(ran.ooms),
+        )  # fmt: skip
+        return cycle_stats(ran.outcome, ran.requests, ctx)
 
     def _oom_event(self, info: OomInfo, settings: ControlSettings) -> OomEvent:
         return OomEvent(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -25,14 +24,6 @@ PROMPTS = [
     "what time is it",
     "a",
 ]
-
-
-@pytest.fixture(scope="module")
-def loaded() -> Iterator[LoadedModel]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield load_model("synthetic:tiny", "cpu", "fp32")
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,14 +26,6 @@ from services.worker.precision import PrecisionUnavailable, apply_precision, int
 
 TINYLLAMA = "TinyLlama/TinyLlama-1.1B-Chat-v1.0"
 CHAT = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}]
-
-
-@pytest.fixture(scope="module")
-def tiny() -> Iterator[LoadedModel]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield load_model("synthetic:tiny", "cpu", "fp32")
-    torch.set_num_threads(threads)
 
 
 def logits(loaded: LoadedModel, text: str) -> torch.Tensor:

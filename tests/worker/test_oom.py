@@ -2,27 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 
 from services.worker.engine import BatchLimits, BatchOutcome, HFGenerateEngine, combine_outcomes
-from services.worker.model import LoadedModel, load_model
+from services.worker.model import LoadedModel
 from services.worker.oom import OomInfo, OomInjector, is_oom, run_with_oom_guard
 from shared.schemas import GenerationRequest, SamplingParams, TokenDelta
 
 LIMITS = BatchLimits(max_seq_len=512, ignore_eos=True)
 SENTENCE = "the model is a long prompt with many words in it and then more"
 WORDS = SENTENCE.split()
-
-
-@pytest.fixture(scope="module")
-def loaded() -> Iterator[LoadedModel]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield load_model("synthetic:tiny", "cpu", "fp32")
-    torch.set_num_threads(threads)
 
 
 def batch_of(

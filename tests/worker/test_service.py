@@ -9,18 +9,12 @@ import redis
 
 from services.worker.config import WorkerSettings
 from services.worker.engine import HFGenerateEngine
-from services.worker.model import load_model
 from services.worker.service import Worker
 from shared.control import ControlStore
 from shared.db import RecordWriter, open_records
 from shared.keys import Keys
 from shared.queue import WorkerQueue
 from shared.schemas import ControlSettings, GenerationRequest, SamplingParams
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return load_model("synthetic:tiny", "cpu", "fp32")
 
 
 @pytest.fixture
