@@ -30,6 +30,13 @@ log = logging.getLogger(__name__)
 
 FIELD = "data"
 KIND = "kind"
+# KEYS: done marker, result stream; ARGV: ttl seconds, result JSON. 1 if published.
+PUBLISH_ONCE = f"""
+if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then return 0 end
+redis.call('XADD', KEYS[2], '*', '{KIND}', 'result', '{FIELD}', ARGV[2])
+redis.call('EXPIRE', KEYS[2], ARGV[1])
+return 1
+"""
 RESULT_TTL_S = 900
 
 
@@ -91,6 +98,7 @@ class WorkerQueue:
         self.visibility_ms = int(visibility_timeout_s * 1000)
         self.max_deliveries = max_deliveries
         self.result_ttl_s = result_ttl_s
+        self._publish_once = client.register_script(PUBLISH_ONCE)
         ensure_group(client, keys)
 
     def pull(self, count: int, block_ms: int = 1000) -> list[Delivery]:
@@ -145,32 +153,27 @@ class WorkerQueue:
 
     def refresh_claims(self, entry_ids: list[str]) -> None:
         """Reset the idle time of entries this worker still holds (a long batch)."""
-        if entry_ids:
-            self.client.xclaim(
-                self.keys.requests,
-                WORKER_GROUP,
-                self.consumer,
-                0,
-                list[Any](entry_ids),
-                justid=True,
-            )
+        self._set_idle(entry_ids, 0)
 
     def release(self, entry_ids: list[str]) -> None:
         """Hand entries back unstarted: idle past the timeout, any worker reclaims them now."""
+        self._set_idle(entry_ids, self.visibility_ms + 1)
+
+    def _set_idle(self, entry_ids: list[str], idle_ms: int) -> None:
         if entry_ids:
             self.client.xclaim(
-                self.keys.requests,
-                WORKER_GROUP,
-                self.consumer,
-                0,
-                list[Any](entry_ids),
-                idle=self.visibility_ms + 1,
-                justid=True,
-            )
+                self.keys.requests, WORKER_GROUP, self.consumer, 0, list[Any](entry_ids),
+                idle=idle_ms, justid=True,
+            )  # fmt: skip
 
-    def is_done(self, request_id: str) -> bool:
-        """Whether a final answer was already published (a redelivered request)."""
-        return bool(self.client.exists(self.keys.done(request_id)))
+    def answered(self, request_ids: list[str]) -> set[str]:
+        """Those whose final answer is already published (redeliveries), in one round trip."""
+        if not request_ids:
+            return set()
+        pipe = self.client.pipeline(transaction=False)
+        for request_id in request_ids:
+            pipe.exists(self.keys.done(request_id))
+        return {rid for rid, found in zip(request_ids, pipe.execute(), strict=True) if found}
 
     def publish_deltas(self, deltas: list[TokenDelta]) -> None:
         """Publish many deltas in one round trip (one per streaming request and step)."""
@@ -184,17 +187,14 @@ class WorkerQueue:
         pipe.execute()
 
     def publish_result(self, result: GenerationResult) -> bool:
-        """Publish the final answer once; False when another delivery already did."""
-        if not self.client.set(
-            self.keys.done(result.request_id), "1", nx=True, ex=self.result_ttl_s
-        ):
-            return False
-        key = self.keys.result(result.request_id)
-        pipe = self.client.pipeline(transaction=False)
-        pipe.xadd(key, {KIND: "result", FIELD: dump(result)})
-        pipe.expire(key, self.result_ttl_s)
-        pipe.execute()
-        return True
+        """Publish the final answer once; False when another delivery already did.
+
+        The ``done`` marker and the answer are written in one script: a worker killed
+        between the two would otherwise leave a request marked answered that nobody
+        ever answers (its redelivery would be skipped as done).
+        """
+        keys = [self.keys.done(result.request_id), self.keys.result(result.request_id)]
+        return bool(self._publish_once(keys=keys, args=[self.result_ttl_s, dump(result)]))
 
     def ack(self, entry_ids: list[str]) -> None:
         """Acknowledge and delete answered entries, so the stream length is the backlog."""

@@ -10,20 +10,24 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import statistics
 import threading
-from collections.abc import Iterable
-from dataclasses import dataclass
 
 import redis
 
 from services.worker.config import WorkerSettings
-from services.worker.engine import BatchLimits, BatchOutcome, Engine, RequestOutcome
+from services.worker.engine import (
+    BatchLimits,
+    BatchOutcome,
+    Engine,
+    RequestOutcome,
+    combine_outcomes,
+)
 from services.worker.metrics import WorkerMetrics
 from services.worker.model import LoadedModel, model_info
 from services.worker.oom import OomInfo, run_with_oom_guard
 from services.worker.precision import PrecisionUnavailable
 from services.worker.scheduler import select_batch
+from services.worker.stats import CycleContext, cycle_stats, gpu_index
 from shared.control import ControlStore
 from shared.db.writer import RecordWriter
 from shared.events import publish_event
@@ -31,7 +35,6 @@ from shared.keys import Keys
 from shared.queue import Delivery, WorkerQueue
 from shared.schemas import (
     ControlSettings,
-    CycleStats,
     GenerationRequest,
     GenerationResult,
     OomEvent,
@@ -43,15 +46,6 @@ from shared.schemas import (
 )
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class DeviceMemory:
-    """What the worker knows of its GPU's memory (all None on CPU)."""
-
-    nvml_used_bytes: int | None = None
-    nvml_total_bytes: int | None = None
-    utilization_pct: float | None = None
 
 
 class Worker:
@@ -117,7 +111,7 @@ class Worker:
             host=socket.gethostname(),
             pid=os.getpid(),
             device=self.loaded.device,
-            gpu_index=_gpu_index(self.loaded.device),
+            gpu_index=gpu_index(self.loaded.device),
             gpu_name=_gpu_name(self.loaded.device),
             model=self.loaded.name,
             synthetic=self.loaded.synthetic,
@@ -218,16 +212,17 @@ class Worker:
         if want <= 0:
             return
         block = 0 if self.buffer else self.settings.poll_block_ms
-        fresh = [d for d in self.queue.pull(want, block_ms=block) if self._admit(d)]
+        pulled = self.queue.pull(want, block_ms=block)
+        answered = self.queue.answered([d.request.id for d in pulled])
+        self.queue.ack([d.entry_id for d in pulled if d.request.id in answered])
+        held = {d.entry_id for d in self.buffer}
+        fresh = [d for d in pulled if d.request.id not in answered and self._admit(d, held)]
         with self._held_lock:
             self.buffer.extend(fresh)
 
-    def _admit(self, delivery: Delivery) -> bool:
-        """Drop what must not run: answered already, held already, or redelivered too often."""
-        if self.queue.is_done(delivery.request.id):
-            self.queue.ack([delivery.entry_id])
-            return False
-        if any(d.entry_id == delivery.entry_id for d in self.buffer):
+    def _admit(self, delivery: Delivery, held: set[str]) -> bool:
+        """Drop what must not run: held already (a reclaim of our own), or failed too often."""
+        if delivery.entry_id in held:
             return False
         if delivery.deliveries > self.settings.max_deliveries:
             self._fail(delivery, f"request failed {delivery.deliveries - 1} times (worker crashes)")
@@ -277,7 +272,7 @@ class Worker:
         self.metrics.oom()
         event = OomEvent(
             worker_id=self.settings.worker_id,
-            gpu_index=_gpu_index(self.loaded.device),
+            gpu_index=gpu_index(self.loaded.device),
             batch_size=info.batch_size,
             max_prompt_len=info.max_prompt_len,
             max_new_tokens=info.max_new_tokens,
@@ -336,23 +331,13 @@ class Worker:
         settings: ControlSettings,
         started: float,
     ) -> None:
-        stats = cycle_stats(outcomes, batch, started)
-        memory = device_memory(self.loaded.device)
-        cycle = CycleStats(
-            worker_id=self.settings.worker_id,
-            gpu_index=_gpu_index(self.loaded.device),
-            settings_version=settings.version,
-            settings_reason=settings.reason,
-            precision=self.engine.precision,
-            max_seq_len=settings.max_seq_len,
-            queue_depth=self.queue.depth(),
-            oom_events=self._oom_events,
-            nvml_used_bytes=memory.nvml_used_bytes,
-            nvml_total_bytes=memory.nvml_total_bytes,
-            gpu_utilization_pct=memory.utilization_pct,
-            precision_saved_bytes=self._precision_saved,
-            **stats,
-        )
+        ctx = CycleContext(
+            worker_id=self.settings.worker_id, device=self.loaded.device, settings=settings,
+            latency_s=now() - started, queue_depth=self.queue.depth(),
+            oom_events=self._oom_events, precision_saved_bytes=self._precision_saved,
+        )  # fmt: skip
+        combined = combine_outcomes(outcomes, self.engine.precision)
+        cycle = cycle_stats(combined, [d.request for d in batch], ctx)
         self.cycles += 1
         self._precision_saved = None
         self.metrics.cycle(cycle)
@@ -373,67 +358,10 @@ class Worker:
         )
 
 
-def cycle_stats(outcomes: list[BatchOutcome], batch: list[Delivery], started: float) -> dict:
-    """Figures of one cycle from the engine's outcomes (several when the OOM guard split it)."""
-    finished = now()
-    latency = finished - started
-    tokens = sum(o.tokens_generated for o in outcomes)
-    lengths = [d.request.prompt_len for d in batch]
-    e2e = sorted(finished - d.request.enqueued_at for d in batch)
-    padded = sum(o.padding_ratio * o.max_prompt_len * o.batch_size for o in outcomes)
-    total = sum(o.max_prompt_len * o.batch_size for o in outcomes) or 1
-    return {
-        "batch_size": len(batch),
-        "max_prompt_len": max(lengths),
-        "mean_prompt_len": statistics.fmean(lengths),
-        "max_new_tokens": max(d.request.params.max_tokens for d in batch),
-        "tokens_generated": tokens,
-        "tokens_per_s": tokens / latency if latency > 0 else 0.0,
-        "latency_s": latency,
-        "latency_p50_s": _percentile(e2e, 0.50),
-        "latency_p95_s": _percentile(e2e, 0.95),
-        "padding_ratio": padded / total,
-        "memory_allocated_bytes": _max_of(o.memory_allocated_bytes for o in outcomes),
-        "memory_peak_bytes": _max_of(o.memory_peak_bytes for o in outcomes),
-        "memory_reserved_bytes": _max_of(o.memory_reserved_bytes for o in outcomes),
-    }
-
-
-def _percentile(sorted_values: list[float], q: float) -> float:
-    index = min(len(sorted_values) - 1, round(q * (len(sorted_values) - 1)))
-    return sorted_values[index]
-
-
-def _max_of(values: Iterable[int | None]) -> int | None:
-    present = [v for v in values if v is not None]
-    return max(present) if present else None
-
-
-def _gpu_index(device: str) -> int | None:
-    if not device.startswith("cuda"):
-        return None
-    return int(device.split(":")[1]) if ":" in device else 0
-
-
 def _gpu_name(device: str) -> str | None:
-    index = _gpu_index(device)
+    index = gpu_index(device)
     if index is None:
         return None
     import torch
 
     return str(torch.cuda.get_device_name(index))
-
-
-def device_memory(device: str) -> DeviceMemory:
-    """Used/total memory of the worker's GPU as the driver sees it (other processes included)."""
-    index = _gpu_index(device)
-    if index is None:
-        return DeviceMemory()
-    import torch
-
-    free, total = torch.cuda.mem_get_info(index)
-    try:
-        utilization: float | None = float(torch.cuda.utilization(index))
-    except Exception:  # NVML missing or not supported: utilisation stays unknown
-        utilization = None
-    return DeviceMemory(int(total - free), int(total), utilization)
