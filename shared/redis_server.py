@@ -7,6 +7,7 @@ has the Redis binary but no running server.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import subprocess
 import time
@@ -35,9 +36,13 @@ def answers(url: str, timeout_s: float = 1.0) -> bool:
         return False
 
 
-def ensure_redis(url: str, data_dir: Path, wait_s: float = 10.0) -> subprocess.Popen[bytes] | None:
+def ensure_redis(
+    url: str, data_dir: Path, wait_s: float = 10.0, bundled: Path | None = None
+) -> subprocess.Popen[bytes] | None:
     """Return ``None`` if Redis answers at ``url``; else start a local one and return it.
 
+    ``bundled``: a folder holding a ``redis-server`` and the libraries it needs (as carried
+    to a machine without one), preferred over the one on PATH.
     Raises :class:`RedisUnavailable` when the URL is remote or no binary is installed.
     """
     if answers(url):
@@ -48,7 +53,7 @@ def ensure_redis(url: str, data_dir: Path, wait_s: float = 10.0) -> subprocess.P
             f"Redis does not answer at {url}; start it there "
             "or point AEGIS_REDIS_URL at a server that runs"
         )
-    binary = shutil.which("redis-server")
+    binary, env = _binary(bundled)
     if binary is None:
         raise RedisUnavailable(
             f"Redis does not answer at {url} and no redis-server binary was found: install it "
@@ -70,7 +75,7 @@ def ensure_redis(url: str, data_dir: Path, wait_s: float = 10.0) -> subprocess.P
         str(data_dir.resolve()),
     ]
     log.warning("Redis does not answer at %s: starting a local redis-server on port %d", url, port)
-    process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, env=env)
     deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:
         if answers(url, timeout_s=0.5):
@@ -80,3 +85,11 @@ def ensure_redis(url: str, data_dir: Path, wait_s: float = 10.0) -> subprocess.P
         time.sleep(0.1)
     process.kill()
     raise RedisUnavailable(f"started {binary} on port {port} but it did not answer at {url}")
+
+
+def _binary(bundled: Path | None) -> tuple[str | None, dict[str, str] | None]:
+    """The redis-server to run, and the environment it needs (None: this one)."""
+    if bundled is not None and (bundled / "redis-server").exists():
+        libraries = os.pathsep.join(filter(None, [str(bundled), os.environ.get("LD_LIBRARY_PATH")]))
+        return str(bundled / "redis-server"), {**os.environ, "LD_LIBRARY_PATH": libraries}
+    return shutil.which("redis-server"), None

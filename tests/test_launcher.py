@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -23,6 +24,23 @@ def test_a_local_redis_server_is_started_when_none_answers(tmp_path: Path) -> No
     try:
         assert process is not None and answers(url)
         assert redis.Redis.from_url(url).set("k", "v")
+    finally:
+        assert process is not None
+        process.terminate()
+        process.wait(10)
+
+
+def test_a_bundled_redis_server_is_preferred(tmp_path: Path) -> None:
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    installed = shutil.which("redis-server")
+    assert installed is not None, "the tests need Debian's redis-server"
+    shutil.copy(Path(installed).resolve(), bundle / "redis-server")
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    process = ensure_redis(url, tmp_path / "data", bundled=bundle)
+    try:
+        assert process is not None and process.args[0] == str(bundle / "redis-server")
+        assert answers(url)
     finally:
         assert process is not None
         process.terminate()

@@ -29,13 +29,13 @@ import sys
 import time
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
 from typing import IO, Any
 
 from experiments.context import BenchContext
 from experiments.measure import ROOT, RunResult
 from experiments.scenarios.common import ratio, runner, settings
 from shared.config import CommonSettings
+from shared.redis_server import ensure_redis
 from shared.schemas import GenerationRequest, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -138,7 +138,7 @@ class Services:
     def __enter__(self) -> Services:
         self.logs.mkdir(parents=True, exist_ok=True)
         try:
-            self.redis = _ensure_redis(self.redis_url, self.ctx.out / "redis")
+            self.redis = ensure_redis(self.redis_url, self.ctx.out / "redis", bundled=CARRIED_REDIS)
             for name in ("gateway", "worker"):
                 self._start(name)
             self._wait_ready()
@@ -260,27 +260,6 @@ async def _post(client: Any, text: str, budget: int) -> Answer | None:
         usage, choice = data["usage"], data["choices"][0]
         return Answer(int(usage["completion_tokens"]), str(choice["finish_reason"]), retry)
     return None
-
-
-def _ensure_redis(url: str, data_dir: Path) -> subprocess.Popen[bytes] | None:
-    """``shared.redis_server.ensure_redis``, finding a carried binary and its libraries."""
-    from shared.redis_server import ensure_redis
-
-    saved = {k: os.environ.get(k) for k in ("PATH", "LD_LIBRARY_PATH")}
-    if (CARRIED_REDIS / "redis-server").exists():
-        # Only while Redis starts: the carried libraries must not reach other children.
-        os.environ["PATH"] = f"{CARRIED_REDIS}{os.pathsep}{saved['PATH'] or ''}"
-        os.environ["LD_LIBRARY_PATH"] = (
-            f"{CARRIED_REDIS}{os.pathsep}{saved['LD_LIBRARY_PATH'] or ''}"
-        )
-    try:
-        return ensure_redis(url, data_dir)
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def _stop(process: subprocess.Popen[bytes], timeout_s: float = 30.0) -> None:
