@@ -24,6 +24,7 @@ import redis.asyncio as aioredis
 from pydantic import ValidationError
 
 from shared.keys import WORKER_GROUP, Keys
+from shared.replies import as_text
 from shared.schemas import GenerationRequest, GenerationResult, TokenDelta, dump, load
 
 log = logging.getLogger(__name__)
@@ -56,10 +57,6 @@ class Delivery:
     entry_id: str
     request: GenerationRequest
     deliveries: int = 1
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _entries(reply: Any) -> list[tuple[Any, dict[Any, Any]]]:
@@ -126,7 +123,7 @@ class WorkerQueue:
         entries = [entry for entry in reply[1] if entry and entry[1]]
         if not entries:
             return []
-        counts = self._delivery_counts([_text(entry_id) for entry_id, _ in entries])
+        counts = self._delivery_counts([as_text(entry_id) for entry_id, _ in entries])
         log.warning("reclaimed %d request(s) left pending by another worker", len(entries))
         return self._parse(entries, counts)
 
@@ -135,12 +132,12 @@ class WorkerQueue:
         pending: Any = self.client.xpending_range(
             self.keys.requests, WORKER_GROUP, min=first, max=last, count=len(entry_ids) * 4
         )
-        return {_text(p["message_id"]): int(p["times_delivered"]) for p in pending}
+        return {as_text(p["message_id"]): int(p["times_delivered"]) for p in pending}
 
     def _parse(self, entries: Iterable[tuple], counts: dict[str, int]) -> list[Delivery]:
         deliveries = []
         for raw_id, fields in entries:
-            entry_id = _text(raw_id)
+            entry_id = as_text(raw_id)
             try:
                 request = load(GenerationRequest, _field(fields, FIELD))
             except (KeyError, ValidationError) as exc:
@@ -209,7 +206,7 @@ class WorkerQueue:
 
     def submit(self, request: GenerationRequest) -> str:
         """Queue a request (used by batch jobs, which run outside the gateway)."""
-        return _text(self.client.xadd(self.keys.requests, {FIELD: dump(request)}))
+        return as_text(self.client.xadd(self.keys.requests, {FIELD: dump(request)}))
 
     def wait_result(self, request_id: str, timeout_s: float) -> GenerationResult | None:
         """Block until the final answer of a request arrives, or ``None`` on timeout."""
@@ -217,7 +214,7 @@ class WorkerQueue:
         while not deadline.expired():
             reply = self.client.xread({key: last}, block=deadline.block_ms())
             for entry_id, fields in _entries(reply):
-                last = _text(entry_id)
+                last = as_text(entry_id)
                 event = parse_event(fields)
                 if isinstance(event, GenerationResult):
                     return event
@@ -230,7 +227,7 @@ def _field(fields: dict, name: str) -> bytes | str:
 
 def parse_event(fields: dict) -> TokenDelta | GenerationResult:
     """Decode one entry of a result stream (its ``kind`` field says which model)."""
-    if _text(_field(fields, KIND)) == "result":
+    if as_text(_field(fields, KIND)) == "result":
         return load(GenerationResult, _field(fields, FIELD))
     return load(TokenDelta, _field(fields, FIELD))
 
@@ -266,7 +263,7 @@ class GatewayQueue:
         while not loop_deadline.expired():
             reply = await self.client.xread({key: last}, block=loop_deadline.block_ms())
             for entry_id, fields in _entries(reply):
-                last = _text(entry_id)
+                last = as_text(entry_id)
                 event = parse_event(fields)
                 if isinstance(event, GenerationResult):
                     yield event

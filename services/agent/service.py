@@ -42,6 +42,7 @@ from shared.control import ControlStore
 from shared.events import parse_event
 from shared.keys import Keys
 from shared.lifecycle import Stoppable
+from shared.replies import as_text
 from shared.schemas import CycleStats, Decision, OomEvent, TelemetrySample, WorkerInfo, load
 
 log = logging.getLogger(__name__)
@@ -66,10 +67,6 @@ class _Worker:
     ooms: list[OomEvent] = field(default_factory=list)
     last_event_ts: float = 0.0
     last_cycle: CycleStats | None = None
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 class AgentService(Stoppable):
@@ -111,7 +108,7 @@ class AgentService(Stoppable):
                 log.warning("cannot read %s yet (%s); starting from its beginning", stream, exc)
                 continue
             if last:
-                self.last_ids[stream] = _text(last[0][0])
+                self.last_ids[stream] = as_text(last[0][0])
                 if stream == self.keys.telemetry_stream:
                     self._on_telemetry(last[0][1])
 
@@ -122,9 +119,9 @@ class AgentService(Stoppable):
         reply: Any = self.client.xread(streams, count=READ_COUNT, block=block or None)
         count = 0
         for stream, entries in reply or []:
-            name = _text(stream)
+            name = as_text(stream)
             for entry_id, fields in entries:
-                self.last_ids[name] = _text(entry_id)
+                self.last_ids[name] = as_text(entry_id)
                 count += 1
                 if name == self.keys.events_stream:
                     self._on_event(fields)

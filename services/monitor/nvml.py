@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 import psutil
 import pynvml
 
+from shared.replies import as_text
 from shared.schemas import GpuSample, TelemetrySample
 
 log = logging.getLogger(__name__)
@@ -33,10 +34,6 @@ MW_PER_W = 1000.0
 
 class GpuLost(Exception):
     """A GPU stopped answering NVML (fell off the bus); it is not read again."""
-
-
-def _text(value: str | bytes) -> str:
-    return value.decode(errors="replace") if isinstance(value, bytes) else value
 
 
 class TelemetryReader:
@@ -125,7 +122,7 @@ class TelemetryReader:
         power_mw = self._field(index, "power", pynvml.nvmlDeviceGetPowerUsage, handle)
         return GpuSample(
             index=index,
-            name=_text(name) if name is not None else f"gpu{index}",
+            name=as_text(name) if name is not None else f"gpu{index}",
             memory_used_bytes=used,
             memory_total_bytes=total,
             utilization_pct=float(rates.gpu) if rates is not None else None,

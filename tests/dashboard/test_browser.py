@@ -8,7 +8,6 @@ test fails, rather than skips, without it. Leaves a screenshot at
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ from playwright.sync_api import Page, sync_playwright
 from shared.db import open_records
 from shared.schemas import CycleStats
 from tests.dashboard.seed import REASONS, seed
+from tests.processes import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 APP = ROOT / "services" / "dashboard" / "app.py"
@@ -41,13 +41,6 @@ CHART_SECTIONS = ("tokens", "batch", "memory", "utilisation", "latency", "queue"
 DECISION_STROKE = "#7f7f7f"
 OOM_STROKE = "#d62728"
 TIMEOUT_MS = 20_000
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def wait_healthy(url: str, proc: subprocess.Popen[bytes], log: Path) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 import uuid
@@ -20,12 +19,7 @@ from services.gateway.config import GatewaySettings
 from shared.keys import Keys
 from tests.conftest import REDIS_URL
 from tests.gateway.echo_worker import EchoWorker
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from tests.processes import free_port
 
 
 @dataclass
