@@ -184,14 +184,21 @@ class WorkerQueue:
         pipe.execute()
 
     def publish_result(self, result: GenerationResult) -> bool:
-        """Publish the final answer once; False when another delivery already did.
+        """Publish one final answer once; False when another delivery already did."""
+        return self.publish_results([result])[0]
+
+    def publish_results(self, results: list[GenerationResult]) -> list[bool]:
+        """Publish final answers in one round trip; per result, whether this call did.
 
         The ``done`` marker and the answer are written in one script: a worker killed
         between the two would otherwise leave a request marked answered that nobody
         ever answers (its redelivery would be skipped as done).
         """
-        keys = [self.keys.done(result.request_id), self.keys.result(result.request_id)]
-        return bool(self._publish_once(keys=keys, args=[self.result_ttl_s, dump(result)]))
+        pipe = self.client.pipeline(transaction=False)
+        for result in results:
+            keys = [self.keys.done(result.request_id), self.keys.result(result.request_id)]
+            self._publish_once(keys=keys, args=[self.result_ttl_s, dump(result)], client=pipe)
+        return [bool(done) for done in pipe.execute()]
 
     def ack(self, entry_ids: list[str]) -> None:
         """Acknowledge and delete answered entries, so the stream length is the backlog."""

@@ -77,6 +77,7 @@ def test_a_result_is_published_once(redis_client: redis.Redis, keys: Keys) -> No
     assert queue.publish_result(_result("x", "first"))
     assert not queue.publish_result(_result("x", "second"))
     assert queue.answered(["x", "never-answered"]) == {"x"}
+    assert queue.publish_results([_result("x", "third"), _result("y")]) == [False, True]
     got = queue.wait_result("x", timeout_s=1)
     assert got is not None and got.text == "first"
 

@@ -297,10 +297,13 @@ class Worker:
     ) -> None:
         """Publish each answer (once), record it, then ack the whole batch."""
         by_id = {r.request_id: r for r in results}
-        for delivery in batch:
-            outcome = by_id[delivery.request.id]
-            result = outcome.to_result(delivery.request, self.loaded.name, self.settings.worker_id)
-            if self.queue.publish_result(result):
+        answers = [
+            by_id[d.request.id].to_result(d.request, self.loaded.name, self.settings.worker_id)
+            for d in batch
+        ]
+        published = self.queue.publish_results(answers)
+        for delivery, result, first in zip(batch, answers, published, strict=True):
+            if first:  # a redelivery that lost the race is neither counted nor recorded
                 self.metrics.result(result)
                 self.writer.submit(self._request_record(delivery.request, result, settings))
         self.queue.ack([d.entry_id for d in batch])
