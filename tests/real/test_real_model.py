@@ -7,7 +7,10 @@ a real model answering a factual question can.
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
+import torch
 
 from services.gateway.catalog import parse_model
 from services.gateway.config import GatewaySettings
@@ -128,3 +131,41 @@ def test_streamed_deltas_join_to_the_final_text_with_multibyte_characters(
     assert len(deltas) > 1
     # A character split across tokens is held back until complete, never streamed broken.
     assert "\ufffd" not in text
+
+
+PARITY_PROMPTS = [
+    "The capital of France is",
+    "Once upon a time, in a small village at the edge of a great forest, there lived",
+    "def fibonacci(n):",
+    "Water boils at",
+]
+
+
+def test_greedy_batch_equals_hf_generate_token_for_token(
+    smollm2: LoadedModel, engine: HFGenerateEngine
+) -> None:
+    tokenizer = smollm2.tokenizer
+    requests = [
+        GenerationRequest(
+            id=f"p{i}",
+            prompt=text,
+            prompt_token_ids=tokenizer(text).input_ids,
+            params=SamplingParams(max_tokens=6 + 2 * i, temperature=0.0, ignore_eos=True),
+        )
+        for i, text in enumerate(PARITY_PROMPTS)
+    ]
+    batch = engine.run(requests, LIMITS).results  # padded to the longest prompt, in one batch
+    model: Any = smollm2.model  # generate() is untyped in transformers
+    for request, outcome in zip(requests, batch, strict=True):
+        ids = torch.tensor([request.prompt_token_ids])
+        with torch.inference_mode():
+            alone = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=False,
+                max_new_tokens=request.params.max_tokens,
+                min_new_tokens=request.params.max_tokens,
+                pad_token_id=smollm2.pad_token_id,
+            )[0, ids.shape[1] :]
+        assert outcome.completion_tokens == len(alone) == request.params.max_tokens
+        assert outcome.text == tokenizer.decode(alone), request.prompt
