@@ -13,7 +13,7 @@ from typing import Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field
 
 Precision = Literal["fp32", "bf16", "fp16", "int8"]
-FinishReason = Literal["stop", "length", "error"]
+FinishReason = Literal["stop", "length", "error", "cancelled"]
 RequestKind = Literal["completion", "chat"]
 
 M = TypeVar("M", bound=BaseModel)
@@ -115,9 +115,14 @@ class ControlSettings(_Wire):
     """Settings the agent decides and a worker applies at its next batch boundary."""
 
     version: int = 0
+    # Max concurrent sequences of the engine core (the seed's "batch size").
     batch_size: int = Field(default=16, ge=1)
     max_seq_len: int = Field(default=2048, ge=16)
     precision: Precision = "bf16"
+    # Tokens one engine step may compute (prefill chunks + decodes); 0: the worker's default.
+    max_batched_tokens: int = Field(default=0, ge=0)
+    # Bytes of the paged KV pool; 0: all the memory the device can spare.
+    kv_budget_bytes: int = Field(default=0, ge=0)
     reason: str = "initial settings"
     updated_at: float = Field(default_factory=now)
 
