@@ -135,7 +135,7 @@ def test_redis_down_is_503_not_500(start_gateway: GatewayFactory) -> None:
     assert "Redis" in response.json()["error"]["message"]
     ready = gateway.http.get("/ready")
     assert ready.status_code == 503
-    assert set(ready.json()["failed"]) == {"redis", "model"}
+    assert set(ready.json()["failed"]) == {"redis", "workers", "model"}
     assert gateway.http.get("/health").status_code == 200
 
 
@@ -163,7 +163,8 @@ def test_full_queue_is_refused_with_429_and_retry_after(
     refused = gateway.http.post("/v1/completions", json={"prompt": "a"})
     assert refused.status_code == 429
     assert refused.headers["retry-after"] == "3"
-    assert "queue is full (2 waiting, bound 2)" in refused.json()["error"]["message"]
+    message = refused.json()["error"]["message"]
+    assert "queue is full (2 waiting or running, bound 2, this body needs 1)" in message
     with pytest.raises(openai.RateLimitError):
         gateway.openai().chat.completions.create(
             model="m", messages=[{"role": "user", "content": "a"}]
