@@ -97,7 +97,9 @@ def _where(loc: list[Any]) -> str:
 
 def _describe(error: dict[str, Any]) -> tuple[str, str | None]:
     """One readable line and the offending parameter of a pydantic error."""
-    loc = [part for part in error.get("loc", ()) if part != "body"]
+    loc = list(error.get("loc", ()))
+    if loc and loc[0] in ("body", "header", "query", "path"):
+        loc = loc[1:]
     if error.get("type") == "json_invalid":
         return f"request body is not valid JSON: {error.get('msg', '')}", None
     where = _where(loc)

@@ -220,11 +220,13 @@ class Generator:
                 yield index, event
             await self.queue.finish_reading([r.id for r in requests])
         finally:
+            # Before any await: a disconnect arrives as an anyio cancel scope, which
+            # cancels every await made in it, this cleanup's included.
+            if unfinished and (reason == "deadline" or not kept):
+                self.cancel_soon(sorted(unfinished), reason)
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            if unfinished and (reason == "deadline" or not kept):
-                self.cancel_soon(sorted(unfinished), reason)
 
     async def _drain_into(
         self, inbox: asyncio.Queue[tuple[int, Event | BaseException]], kept: bool
