@@ -130,6 +130,11 @@ class Generator:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
+    async def settle(self, timeout_s: float = 2.0) -> None:
+        """Wait for the cancel signals still being sent (before Redis is closed)."""
+        if self._background:
+            await asyncio.wait(set(self._background), timeout=timeout_s)
+
     async def _cancel(self, request_ids: list[str], reason: str) -> None:
         try:
             await self.queue.request_cancel(request_ids)

@@ -68,6 +68,7 @@ class GatewayState:
         )
 
     async def close(self) -> None:
+        await self.generator.settle()
         await self.client.aclose(close_connection_pool=True)
         self.sync_client.close()
         self.database.close()

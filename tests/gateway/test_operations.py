@@ -6,13 +6,16 @@ import json
 import logging
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
 import pytest
+import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from shared.keys import Keys
+from shared.queue import WorkerQueue
 from tests.conftest import POSTGRES_URL
 from tests.gateway.conftest import GatewayFactory, RunningGateway, free_port
 from tests.gateway.echo_worker import EchoWorker, model_info
@@ -151,3 +154,52 @@ def test_the_gateway_never_imports_torch_or_transformers() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def test_a_dead_letter_reaches_its_client_the_api_and_the_metrics(
+    start_gateway: GatewayFactory, redis_url: str, keys: Keys
+) -> None:
+    EchoWorker(redis_url, keys).publish_model()
+    gateway = start_gateway(api_keys="k")
+    auth = {"Authorization": "Bearer k"}
+    client = redis.Redis.from_url(redis_url)
+    queue = WorkerQueue(client, keys, "poisoned")
+
+    def give_up() -> None:  # what a worker does after the last failed delivery
+        deliveries: list = []
+        while not deliveries:
+            deliveries = queue.pull(1, block_ms=100)
+        deliveries[0].deliveries = 5
+        queue.dead_letter(deliveries[0], "ValueError: Overflow when unpacking long long", "m", "w1")
+
+    thread = threading.Thread(target=give_up)
+    thread.start()
+    answer = gateway.http.post("/v1/completions", json={"prompt": "poison"}, headers=auth)
+    thread.join(timeout=5)
+    client.close()
+    assert answer.status_code == 500
+    message = answer.json()["error"]["message"]
+    assert "failed 5 deliveries" in message and "Overflow" in message
+    assert gateway.http.get("/v1/dead_letters").status_code == 401
+    listed = gateway.http.get("/v1/dead_letters", headers=auth).json()
+    assert listed["total"] == 1
+    letter = listed["data"][0]
+    assert (letter["prompt_preview"], letter["deliveries"], letter["worker_id"]) == (
+        "poison", 5, "w1",
+    )  # fmt: skip
+    assert _samples(gateway)[("aegis_dead_letters", ())] == 1
+
+
+def test_the_openapi_document_declares_the_errors_it_answers(gateway: RunningGateway) -> None:
+    document = gateway.http.get("/openapi.json").json()
+    text = json.dumps(document)
+    assert '"422"' not in text and "HTTPValidationError" not in text
+    completions = document["paths"]["/v1/completions"]["post"]
+    assert {"200", "400", "401", "404", "413", "429", "500", "503", "504"} <= set(
+        completions["responses"]
+    )
+    assert "text/event-stream" in completions["responses"]["200"]["content"]
+    headers = [p["name"] for p in completions["parameters"] if p["in"] == "header"]
+    assert headers == ["Idempotency-Key"]
+    assert "/v1/models/{model_id}" in document["paths"]
+    assert "/v1/dead_letters" in document["paths"]
