@@ -259,3 +259,39 @@ class WorkerInfo(_Wire):
     synthetic: bool
     context_length: int | None = None
     started_at: float = Field(default_factory=now)
+
+
+class DeadLetter(_Wire):
+    """A request given up after failing ``deliveries`` times; its client got ``error``."""
+
+    type: Literal["dead_letter"] = "dead_letter"
+    ts: float = Field(default_factory=now)
+    request_id: str
+    entry_id: str
+    deliveries: int
+    error: str
+    worker_id: str
+    model: str
+    prompt_tokens: int
+    # The start of the prompt only: a capped stream must stay small.
+    prompt_preview: str
+    params: SamplingParams
+
+
+class IdempotencyRecord(_Wire):
+    """What an ``Idempotency-Key`` stands for: the first run of a body, then its answers.
+
+    A retry with the same key is answered from the requests named here (and, once
+    they are done, from ``results``) instead of running the body again.
+    """
+
+    body_digest: str
+    response_id: str
+    created: int
+    model_name: str
+    synthetic: bool
+    prompt_tokens: int
+    include_usage: bool = False
+    request_ids: list[str]
+    enqueued_at: float = Field(default_factory=now)
+    results: list[GenerationResult] | None = None
