@@ -135,6 +135,7 @@ class EngineCore:
         self._oom_cap: int | None = None
         self._steps_since_oom = 0
         self.steps = 0
+        self._precision_saved: int | None = None  # by the last precision change, read once
 
     # -- requests -------------------------------------------------------------------------
 
@@ -362,6 +363,7 @@ class EngineCore:
         change: PrecisionChange = apply_precision(self.loaded, precision)  # may raise
         self.runner = self._new_runner(self.kv_budget_bytes)
         self.scheduler.pool = self._new_pool()
+        self._precision_saved = change.bytes_saved
         return [f"precision {change.before} -> {change.after} ({preempted} preempted, "
                 f"{change.describe()})"]  # fmt: skip
 
@@ -416,6 +418,18 @@ class EngineCore:
             precision=self.loaded.precision,
             memory=self.runner.memory,
         )
+
+    def take_precision_saved(self) -> int | None:
+        """Bytes the last precision change freed (negative: took); None once read."""
+        saved, self._precision_saved = self._precision_saved, None
+        return saved
+
+    def take_unstarted(self) -> list[str]:
+        """Remove the waiting requests that never ran (to hand them to another worker)."""
+        unstarted = [s for s in self.scheduler.waiting if not s.generated and not s.preemptions]
+        for seq in unstarted:
+            self.scheduler.finish(seq)
+        return [s.request_id for s in unstarted]
 
     def unfinished_ids(self) -> Seq[str]:
         return [s.request_id for s in [*self.scheduler.running, *self.scheduler.waiting]]

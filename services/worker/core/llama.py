@@ -211,7 +211,7 @@ class KVCache:
 
 class Attention(Protocol):
     def __call__(
-        self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: tuple[torch.Tensor, ...]
     ) -> torch.Tensor: ...
 
 
@@ -226,17 +226,23 @@ def _gather(cache: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class DecodeAttention:
-    """One query token per sequence. ``tables`` ``[B, blocks]``, ``mask`` ``[B, 1, 1, L]``."""
+    """One query token per sequence. ``tables`` ``[B, blocks]``, ``mask`` ``[B, 1, 1, L]``.
+
+    The ``G = H / Hkv`` query heads that share a KV head are laid out as ``G`` query rows
+    of that head: one attention over ``Hkv`` heads, keys and values never repeated.
+    """
 
     tables: torch.Tensor
     mask: torch.Tensor
 
-    def __call__(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        k, v = _gather(keys, self.tables), _gather(values, self.tables)
-        out = F.scaled_dot_product_attention(
-            q.unsqueeze(2), k, v, attn_mask=self.mask, enable_gqa=True
-        )  # [B, H, 1, D]
-        return out.squeeze(2)
+    def __call__(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: tuple[torch.Tensor, ...]
+    ) -> torch.Tensor:
+        rows, heads, dim = q.shape
+        keys, values = _gather(cache[0], self.tables), _gather(cache[1], self.tables)
+        grouped = q.view(rows, keys.shape[1], heads // keys.shape[1], dim)
+        out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=self.mask)
+        return out.reshape(rows, heads, dim)
 
 
 @dataclass
@@ -244,23 +250,38 @@ class PrefillAttention:
     """Chunks of several sequences, padded to the longest chunk inside attention only.
 
     ``pad_index`` ``[B, Lq]``: packed token of each padded query row (``T`` = a zero row);
-    ``valid`` ``[T]``: where each packed token sits in the flattened ``[B * Lq]`` rows;
-    ``mask`` ``[B, 1, Lq, L]``: causal from each chunk's start, within its length.
+    ``valid`` ``[T]``: where each packed token sits in the flattened ``[B * Lq]`` rows.
+    ``fresh``: every chunk starts its sequence, so attention needs only the chunk's own
+    keys and values, causally (no cache read, no mask). Otherwise ``mask``
+    ``[B, 1, G * Lq, L]`` (causal from each chunk's start, repeated per query head of a
+    group) over the cached keys of ``tables``.
     """
 
     tables: torch.Tensor
     pad_index: torch.Tensor
     valid: torch.Tensor
-    mask: torch.Tensor
+    mask: torch.Tensor | None
+    fresh: bool
 
-    def __call__(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    def __call__(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: tuple[torch.Tensor, ...]
+    ) -> torch.Tensor:
         rows, width = self.pad_index.shape
-        padded = torch.cat([q, q.new_zeros(1, *q.shape[1:])])[self.pad_index]  # [B, Lq, H, D]
-        k, v = _gather(keys, self.tables), _gather(values, self.tables)
-        out = F.scaled_dot_product_attention(
-            padded.transpose(1, 2), k, v, attn_mask=self.mask, enable_gqa=True
-        )  # [B, H, Lq, D]
-        return out.transpose(1, 2).reshape(rows * width, *q.shape[1:])[self.valid]
+        heads, dim = q.shape[1], q.shape[2]
+        pq = self._pad(q).transpose(1, 2)  # [B, H, Lq, D]
+        if self.fresh:
+            pk, pv = self._pad(k).transpose(1, 2), self._pad(v).transpose(1, 2)
+            out = F.scaled_dot_product_attention(pq, pk, pv, is_causal=True, enable_gqa=True)
+        else:
+            keys, values = _gather(cache[0], self.tables), _gather(cache[1], self.tables)
+            kv_heads = keys.shape[1]
+            grouped = pq.reshape(rows, kv_heads, heads // kv_heads * width, dim)
+            out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=self.mask)
+            out = out.reshape(rows, heads, width, dim)
+        return out.transpose(1, 2).reshape(rows * width, heads, dim)[self.valid]
+
+    def _pad(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x, x.new_zeros(1, *x.shape[1:])])[self.pad_index]  # [B, Lq, h, D]
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -299,10 +320,11 @@ def forward(
         q, k, v = layer.qkv(x).split([q_size, kv_size, kv_size], dim=-1)
         q = _rotate(q.view(-1, s.num_heads, s.head_dim), cos, sin)
         k = _rotate(k.view(-1, s.num_kv_heads, s.head_dim), cos, sin)
+        v = v.view_as(k)
         keys, values = cache.keys[i], cache.values[i]
         keys.view(-1, s.num_kv_heads, s.head_dim).index_copy_(0, slots, k)
-        values.view(-1, s.num_kv_heads, s.head_dim).index_copy_(0, slots, v.view_as(k))
-        h = h + layer.o(attend(q, keys, values).reshape(-1, q_size))
+        values.view(-1, s.num_kv_heads, s.head_dim).index_copy_(0, slots, v)
+        h = h + layer.o(attend(q, k, v, (keys, values)).reshape(-1, q_size))
         x = rms_norm(h, layer.post_norm, s.eps)
         gate, up = layer.gate_up(x).chunk(2, dim=-1)
         h = h + layer.down(F.silu(gate) * up)

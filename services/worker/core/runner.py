@@ -49,8 +49,6 @@ class RunnerConfig:
     max_num_seqs: int = 256
     cuda_graphs: bool = True
     max_graph_batch: int = 512
-    # Kept free on the GPU beyond the measured peaks (fragmentation, other libraries).
-    safety_margin_bytes: int = 1024 * MIB
     # Whole-process cap as a fraction of the card (0: none): weights + activations + KV.
     gpu_memory_fraction: float = 0.0
 
@@ -147,7 +145,7 @@ class ModelRunner:
 
     def _cuda_kv_bytes(self, weights: int, peak: int, free: int, budget: int) -> int:
         total = torch.cuda.get_device_properties(self.device).total_memory
-        available = free - peak - self.config.safety_margin_bytes
+        available = free - peak
         if self.config.gpu_memory_fraction > 0:
             available = min(
                 available, int(total * self.config.gpu_memory_fraction) - weights - peak
@@ -157,7 +155,13 @@ class ModelRunner:
         return max(available, self.kv_bytes_per_token * self.block_size)
 
     def _profile(self) -> tuple[int, int]:
-        """(activation peak of the largest prefill and decode steps, free bytes after)."""
+        """(bytes to keep free for activations, free bytes after the profiling pass).
+
+        The largest prefill step and the largest decode step run once on a scratch cache;
+        their peaks are kept free: the prefill's twice (eager steps vary in shape), the
+        decode's four times (the graphs' private pool, its eager warm-up, the sampler's
+        fp32 logits), plus a margin of 4 % of the card (cuBLAS workspaces, fragmentation).
+        """
         torch.cuda.synchronize(self.device)
         tokens = min(self.config.max_batched_tokens, self.shape.max_positions)
         rows = min(self.config.max_num_seqs, self.config.max_graph_batch)
@@ -165,18 +169,24 @@ class ModelRunner:
         self.cache = KVCache.allocate(
             self.shape, blocks, self.block_size, self.weights.dtype, self.device
         )
-        base = torch.cuda.memory_allocated(self.device)
-        torch.cuda.reset_peak_memory_stats(self.device)
         with torch.inference_mode():
-            self._profile_prefill(tokens)
-            self._profile_decode(rows)
-        torch.cuda.synchronize(self.device)
-        peak = torch.cuda.max_memory_allocated(self.device) - base
+            prefill = self._peak_of(lambda: self._profile_prefill(tokens))
+            decode = self._peak_of(lambda: self._profile_decode(rows))
         self.cache = None
         torch.cuda.empty_cache()
-        free, _ = torch.cuda.mem_get_info(self.device)
-        # Graph capture holds its own pool of the decode step's activations.
-        return 2 * peak, int(free)
+        free, total = torch.cuda.mem_get_info(self.device)
+        keep = 2 * prefill + 4 * decode + int(0.04 * total)
+        log.info("profile: prefill of %d tokens peaks at %.0f MiB, decode of %d rows at %.0f MiB",
+                 tokens, prefill / MIB, rows, decode / MIB)  # fmt: skip
+        return keep, int(free)
+
+    def _peak_of(self, run: Callable[[], object]) -> int:
+        torch.cuda.synchronize(self.device)
+        base = torch.cuda.memory_allocated(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        run()
+        torch.cuda.synchronize(self.device)
+        return int(torch.cuda.max_memory_allocated(self.device) - base)
 
     def _profile_prefill(self, tokens: int) -> None:
         chunk = Chunk(_ProfileSeq(tokens, self.block_size), 0, tokens)  # type: ignore[arg-type]
@@ -218,8 +228,9 @@ class ModelRunner:
         """Logits of the chunks that sample (their last token), in chunk order."""
         assert self.cache is not None
         inputs = _PrefillInputs.build(chunks, self.block_size, self.cache.scratch_block)
-        t = inputs.tensors(self.device)
-        attend = PrefillAttention(t["tables"], t["pad_index"], t["valid"], t["mask"])
+        t = inputs.tensors(self.device, self.shape.num_heads // self.shape.num_kv_heads)
+        mask = t.get("mask")
+        attend = PrefillAttention(t["tables"], t["pad_index"], t["valid"], mask, mask is None)
         return forward(
             self.weights, self.cache, t["ids"], t["positions"], t["slots"], attend, t["last"]
         )
@@ -259,13 +270,14 @@ class ModelRunner:
             "slots": torch.zeros(rows, dtype=torch.long, device=dev),
             "tables": torch.zeros(rows, self.max_blocks_per_seq, dtype=torch.long, device=dev),
             "lens": torch.ones(rows, dtype=torch.long, device=dev),
+            "logits": torch.zeros(rows, self.shape.vocab, dtype=self.weights.dtype, device=dev),
         }
 
     def _fill_static(self, chunks: list[Chunk], bucket: int, blocks: int) -> None:
         assert self.cache is not None
         host = _DecodeInputs.build(chunks, bucket, blocks, self.block_size, self.cache)
         for name, values in host.items():
-            target = self._static[name]
+            target = self._static[name]  # "logits" is written by the graph, not here
             view = target[:bucket, :blocks] if name == "tables" else target[:bucket]
             view.copy_(values, non_blocking=True)
 
@@ -278,10 +290,12 @@ class ModelRunner:
 
         def step() -> torch.Tensor:
             attend = DecodeAttention(tables, _length_mask(s["lens"][:bucket], size))
-            return forward(
+            logits = forward(
                 weights, cache, s["ids"][:bucket], s["positions"][:bucket],
                 s["slots"][:bucket], attend, None,
             )  # fmt: skip
+            # Every graph writes one shared buffer: no graph keeps its own logits alive.
+            return s["logits"][:bucket].copy_(logits)
 
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
@@ -456,22 +470,31 @@ class _PrefillInputs:
         return cls(ids, positions, slots, tables, pad_index, valid, starts, lengths, last,
                    width, blocks * block_size)  # fmt: skip
 
-    def tensors(self, device: torch.device) -> dict[str, torch.Tensor]:
+    def tensors(self, device: torch.device, groups: int) -> dict[str, torch.Tensor]:
+        """Device tensors; ``mask`` only when some chunk continues a sequence."""
+
         def put(values: list) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.long).to(device, non_blocking=True)
 
-        starts, lengths = put(self.starts), put(self.lengths)
-        query = starts.unsqueeze(1) + torch.arange(self.width, device=device).unsqueeze(0)
-        keys = torch.arange(self.context, device=device)
-        end = (starts + lengths).view(-1, 1, 1)
-        mask = (keys.view(1, 1, -1) <= query.unsqueeze(2)) & (keys.view(1, 1, -1) < end)
-        return {
+        out = {
             "ids": put(self.ids),
             "positions": put(self.positions),
             "slots": put(self.slots),
             "tables": put(self.tables),
             "pad_index": put(self.pad_index),
             "valid": put(self.valid),
-            "mask": mask.unsqueeze(1),
             "last": put(self.last),
         }
+        if any(self.starts):
+            out["mask"] = self._mask(put(self.starts), put(self.lengths), device, groups)
+        return out
+
+    def _mask(
+        self, starts: torch.Tensor, lengths: torch.Tensor, device: torch.device, groups: int
+    ) -> torch.Tensor:
+        """``[B, 1, groups * Lq, L]``: causal from each chunk's start, within its end."""
+        query = starts.unsqueeze(1) + torch.arange(self.width, device=device).unsqueeze(0)
+        keys = torch.arange(self.context, device=device).view(1, 1, -1)
+        end = (starts + lengths).view(-1, 1, 1)
+        mask = (keys <= query.unsqueeze(2)) & (keys < end)
+        return mask.unsqueeze(1).repeat(1, 1, groups, 1)

@@ -157,6 +157,8 @@ class Scheduler:
 
     def _chunk_of_running(self, seq: Sequence, budget: int, plan: StepPlan) -> Chunk | None:
         want = min(seq.num_uncomputed, budget)
+        if want <= 0:
+            return None
         while True:
             length = self._fit(seq, want)
             if length > 0:
