@@ -186,6 +186,25 @@ class CycleStats(_Wire):
     oom_events: int = 0
     # Memory freed (negative: taken) by a precision change applied before this cycle.
     precision_saved_bytes: int | None = None
+    # Engine-core figures of the window of steps this record covers (continuous
+    # batching: ``batch_size`` is the most sequences running at once in the window).
+    steps: int = 1
+    requests_finished: int = 0
+    running: int = 0
+    waiting: int = 0
+    kv_blocks_used: int = 0
+    kv_blocks_total: int = 0
+    kv_usage: float = 0.0
+    kv_pool_bytes: int = 0
+    preemptions: int = 0
+    prefill_tokens: int = 0
+    decode_tokens: int = 0
+    step_time_mean_s: float | None = None
+    ttft_p50_s: float | None = None
+    ttft_p95_s: float | None = None
+    itl_p50_s: float | None = None
+    itl_p95_s: float | None = None
+    max_batched_tokens: int = 0
 
 
 class OomEvent(_Wire):
