@@ -137,14 +137,14 @@ def triton_decode_attention(
         partial_ml = torch.empty(2, batch, heads, splits, dtype=torch.float32, device=q.device)
     _decode_kernel[(batch, kv_heads, splits)](
         q, k_cache, v_cache, block_tables, context_lens, target, partial_ml,
-        scale * math.log2(math.e), tokens_per_split, block_size,
+        scale * math.log2(math.e), tokens_per_split,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0),
         target.stride(0), target.stride(1), target.stride(-2) if splits > 1 else 0,
         partial_ml.stride(0) if splits > 1 else 0,
-        SPLIT=splits > 1, **shapes, **tuning,
+        BLOCK_SIZE=block_size, SPLIT=splits > 1, **shapes, **tuning,
     )  # fmt: skip
     if splits > 1:
         _merge_kernel[(batch, heads)](
@@ -206,7 +206,7 @@ if triton is not None:
     @triton.jit
     def _decode_kernel(
         q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, out_ptr, ml_ptr,
-        scale_log2, tokens_per_split, block_size,
+        scale_log2, tokens_per_split,
         stride_qb, stride_qh,
         stride_kb, stride_kt, stride_kh,
         stride_vb, stride_vt, stride_vh,
@@ -214,7 +214,8 @@ if triton is not None:
         stride_ob, stride_oh, stride_os,
         stride_ml,
         G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
-        BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
+        PRECISION: tl.constexpr,
     ):  # fmt: skip
         seq = tl.program_id(0)
         kv_head = tl.program_id(1)
@@ -243,8 +244,8 @@ if triton is not None:
         for tile in range(start, end, BLOCK_N):
             pos = tile + offsets
             live = pos < end
-            block = tl.load(table + pos // block_size, mask=live, other=0).to(tl.int64)
-            slot = pos % block_size
+            block = tl.load(table + pos // BLOCK_SIZE, mask=live, other=0).to(tl.int64)
+            slot = pos % BLOCK_SIZE
             load_mask = live[:, None] & dim_ok[None, :]
             k = tl.load(
                 k_base + (block * stride_kb + slot * stride_kt)[:, None] + dims[None, :],
