@@ -47,16 +47,39 @@ def system(aegis_env: dict[str, str], tmp_path: Path, model_cache: Path):
         gateway.stop()
 
 
+def ask(client: openai.OpenAI, question: str, max_tokens: int) -> openai.types.chat.ChatCompletion:
+    return client.chat.completions.create(
+        model="any",
+        messages=[{"role": "user", "content": question}],
+        temperature=0,
+        max_tokens=max_tokens,
+    )
+
+
+def streamed(client: openai.OpenAI, question: str, max_tokens: int) -> str:
+    chunks = client.chat.completions.create(
+        model="any",
+        messages=[{"role": "user", "content": question}],
+        temperature=0,
+        max_tokens=max_tokens,
+        stream=True,
+    )
+    return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+
 def test_without_the_hub_the_default_run_answers_with_real_text(system: str) -> None:
     [card] = httpx.get(f"{system}/v1/models", timeout=10).json()["data"]
     assert (card["id"], card["synthetic"]) == (FALLBACK_NAME, False)
     client = openai.OpenAI(base_url=f"{system}/v1", api_key="unused", max_retries=0, timeout=120)
-    answer = client.chat.completions.create(
-        model="any",
-        messages=[{"role": "user", "content": "What is the capital of France?"}],
-        temperature=0,
-        max_tokens=30,
-    )
+    answer = ask(client, "What is the capital of France?", 30)
     assert answer.model == FALLBACK_NAME
     assert "Paris" in (answer.choices[0].message.content or "")
     assert answer.choices[0].finish_reason == "stop"
+    # Streamed over SSE, multi-byte characters included, the text is the same answer.
+    for question, max_tokens in [
+        ("How do you say 'coffee' in French?", 30),
+        ("Write a short happy birthday message with emojis.", 39),
+    ]:
+        whole = ask(client, question, max_tokens).choices[0].message.content or ""
+        assert any(ord(ch) > 127 for ch in whole) and "\ufffd" not in whole, whole
+        assert streamed(client, question, max_tokens) == whole
