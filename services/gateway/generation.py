@@ -238,6 +238,8 @@ class Generator:
                     raise event
                 if isinstance(event, GenerationResult):
                     unfinished.discard(event.request_id)
+                    if unanswered(event) is not None:
+                        reason = "error"  # the stream ends on it: the others are useless
                 yield index, event
             await self.queue.finish_reading([r.id for r in requests])
         finally:
