@@ -29,6 +29,7 @@ GIB = 1024**3
 # swept, leaving the rest of the card to the peers that run in the same process.
 KV_BUDGET_BYTES = {"cuda": 24 * GIB, "cpu": GIB // 8}
 MAX_BATCHED_TOKENS = {"cuda": 8192, "cpu": 512}
+DECODE_STEPS = 8  # as the worker's default (AEGIS_DECODE_STEPS)
 
 
 class Bar(Protocol):
@@ -94,6 +95,7 @@ class BenchContext:
                 max_batched_tokens=self.max_batched_tokens,
                 kv_budget_bytes=self.kv_budget_bytes,
                 ignore_eos=True,
+                decode_steps=DECODE_STEPS,
             )
             self._core = EngineCore(self.model(), config)
         return self._core

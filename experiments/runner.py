@@ -206,11 +206,13 @@ class AegisRunner:
         on_cycle: OnCycle | None = None,
         bar: Bar | None = None,
         arrivals: Sequence[float] | None = None,
+        keep_timings: bool = False,
     ) -> tuple[RunResult, list[CycleRecord]]:
         """Answer every request; the result counts lost (unanswered) ones as failed.
 
         ``arrivals``: seconds after the start at which each request arrives (all at
-        once when None). Per-request timings land in ``result.extra["timings"]``.
+        once when None). With ``keep_timings`` each request's arrival, first token and
+        finish land in ``result.extra["timings"]``.
         """
         io = _BenchIO(self, requests, arrivals, settings, loop, on_cycle, bar)
         serving = ServingLoop(self.core, io, self.record_interval_s)
@@ -226,7 +228,8 @@ class AegisRunner:
         result.seconds = io.elapsed()
         self._count(result, io, len(requests))
         result.extra["preemptions"] = self.core.stats().preemptions - preempted
-        result.extra["timings"] = [asdict(t) for t in io.timings.values()]
+        if keep_timings:
+            result.extra["timings"] = [asdict(t) for t in io.timings.values()]
         peaks = [c.peak_memory_bytes for c in io.cycles if c.peak_memory_bytes is not None]
         result.peak_memory_bytes = max(peaks) if peaks else None
         return result, io.cycles

@@ -31,7 +31,7 @@ def run(ctx: BenchContext) -> dict[str, Any]:
     with ctx.bar(len(requests), "bursty aegis") as bar:
         aegis, _ = runner(ctx).run(
             requests, settings(ctx, cfg["max_num_seqs"]), system="aegis", bar=bar,
-            arrivals=arrivals,
+            arrivals=arrivals, keep_timings=True,
         )  # fmt: skip
     result: dict[str, Any] = {
         "config": cfg,

@@ -89,6 +89,7 @@ def main() -> None:
     parser.add_argument("--parity", type=int, default=32)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--kv-gib", type=float, default=24.0)
+    parser.add_argument("--decode-steps", type=int, default=8)
     args = parser.parse_args()
     out_dir = Path(os.environ.get("OUT", "/tmp"))
     parser_device = args.device
@@ -104,7 +105,8 @@ def main() -> None:
     for seqs, kernel in variants:
         t0 = time.perf_counter()
         config = CoreConfig(max_num_seqs=seqs, max_batched_tokens=args.tokens, ignore_eos=True,
-                            paged_kernel=kernel, kv_budget_bytes=int(args.kv_gib * (1 << 30)))  # fmt: skip
+                            paged_kernel=kernel, decode_steps=args.decode_steps,
+                            kv_budget_bytes=int(args.kv_gib * (1 << 30)))  # fmt: skip
         core = EngineCore(loaded, config)
         graphs = core.warm_up()
         setup = time.perf_counter() - t0

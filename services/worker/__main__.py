@@ -31,6 +31,10 @@ def main() -> int:
         allow_synthetic_fallback=settings.allow_synthetic_fallback,
     )
     core = build_core(loaded, settings)
+    if settings.cuda_graphs and device.startswith("cuda"):
+        # Capture every decode graph (and compile the attention kernel's variants) before
+        # announcing the model: a first request must never wait for a capture.
+        log.info("captured %d decode graphs", core.warm_up())
     client = redis.Redis.from_url(settings.redis_url)
     # Given a URL, the writer opens the database itself and retries while it is down.
     writer = RecordWriter(
@@ -60,6 +64,7 @@ def build_core(loaded: LoadedModel, settings: WorkerSettings) -> EngineCore:
         max_seq_len=settings.max_seq_len,
         kv_budget_bytes=settings.kv_budget_bytes,
         cuda_graphs=settings.cuda_graphs,
+        decode_steps=settings.decode_steps,
         admission_timeout_s=settings.admission_timeout_s,
         gpu_memory_fraction=settings.gpu_memory_fraction,
     )

@@ -31,6 +31,9 @@ class WorkerSettings(CommonSettings):
     kv_budget_bytes: int = Field(default=0, ge=0)
     block_size: int = Field(default=16, ge=1, le=1024)
     cuda_graphs: bool = True
+    # Decode steps run back to back on the device while every sequence decodes and none
+    # waits (host work once per this many tokens; new requests wait at most that long).
+    decode_steps: int = Field(default=8, ge=1, le=64)
     # A request that does not fit the current max_seq_len waits this long, then errors.
     admission_timeout_s: float = Field(default=120.0, gt=0)
     # On stop, how long running requests may take to finish before being handed back.

@@ -60,6 +60,9 @@ class CoreConfig:
     paged_kernel: bool = True  # Triton decode attention on CUDA (else gather + SDPA)
     admission_timeout_s: float = 120.0
     ignore_eos: bool = False  # every request runs to max_tokens (benchmarks)
+    # Decode steps run back to back on the device when every running sequence decodes
+    # and nobody waits: host work (scheduling, bookkeeping) is paid once per this many.
+    decode_steps: int = 4
     gpu_memory_fraction: float = 0.0
 
 
@@ -204,14 +207,21 @@ class EngineCore:
         plan = self.scheduler.schedule()
         deltas: list[TokenDelta] = []
         if not plan.empty:
+            steps = self._steps_ahead(plan)
             try:
-                sampled = self._execute(plan)
+                if steps > 1:
+                    tokens = self._execute_steps(plan, steps)
+                else:
+                    sampled = self._execute(plan)
             except Exception as exc:
                 if not is_oom(exc):
                     raise
                 stats.oom = self._recover_from_oom(plan, str(exc)[:300], finished)
             else:
-                self._account(plan, sampled, stats, finished, deltas)
+                if steps > 1:
+                    self._account_steps(plan, tokens, stats, finished, deltas)
+                else:
+                    self._account(plan, sampled, stats, finished, deltas)
         stats.seconds = time.perf_counter() - started
         stats.finished = len(finished)
         stats.preemptions = self.scheduler.preemptions - preempted_before
@@ -223,6 +233,55 @@ class EngineCore:
         if self.fault is not None:
             self.fault.maybe_raise(len(plan.chunks), plan.num_tokens, step=0)
         return self.runner.execute(plan, self._sampling)
+
+    def _steps_ahead(self, plan: StepPlan) -> int:
+        """How many decode steps to run at once (1 unless every running sequence decodes,
+        nobody waits, and the blocks for the tokens ahead can be had)."""
+        steps = self.config.decode_steps
+        if steps <= 1 or plan.prefills or plan.preempted or self.scheduler.waiting:
+            return 1
+        if not all(c.samples for c in plan.decodes):
+            return 1
+        room = min(self.runner.shape.max_positions - c.start for c in plan.decodes)
+        steps = min(steps, room)
+        pool = self.scheduler.pool
+        for chunk in plan.decodes:
+            if not pool.grow_table(chunk.seq.block_table, chunk.start + steps):
+                return 1  # the blocks taken so far serve the next tokens anyway
+        return steps
+
+    def _execute_steps(self, plan: StepPlan, steps: int) -> list[list[int]]:
+        if self.fault is not None:
+            self.fault.maybe_raise(len(plan.chunks), plan.num_tokens, step=0)
+        return self.runner.decode_steps(plan.decodes, steps, self._sampling(plan.decodes))
+
+    def _account_steps(
+        self,
+        plan: StepPlan,
+        tokens: list[list[int]],
+        stats: StepStats,
+        finished: list[RequestOutcome],
+        deltas: list[TokenDelta],
+    ) -> None:
+        """Take the tokens of several decode steps; a sequence that finished part-way
+        drops the rest (computed for nothing, never shown)."""
+        seqs = [c.seq for c in plan.decodes]
+        began, ended = stats.ts, now()
+        for i, step_tokens in enumerate(tokens):
+            stamp = began + (ended - began) * (i + 1) / len(tokens)
+            for seq, token in zip(seqs, step_tokens, strict=True):
+                if not seq.finished:
+                    seq.num_computed += 1
+                    self._take_token(seq, token, stamp, stats)
+                    stats.sampled += 1
+        for seq in seqs:
+            if seq.finished:
+                self.scheduler.finish(seq)
+                finished.append(seq.row.outcome())
+            elif seq.row.streams and (delta := seq.row.take_delta()) is not None:
+                deltas.append(delta)
+        stats.decode_tokens = stats.sampled
+        self._relax_oom_cap()
 
     def _sampling(self, chunks: list[Chunk]) -> SamplingBatch:
         params = [c.seq.row.request.params for c in chunks]
@@ -397,8 +456,10 @@ class EngineCore:
         return min(wanted, context) if wanted > 0 else context
 
     def warm_up(self) -> int:
-        """Capture the decode graphs for the current limits now; how many were captured."""
-        return self.runner.capture_all(self.limits.max_num_seqs, self.limits.max_seq_len)
+        """Capture the decode graphs up to the largest batch the runner takes (any limit
+        the agent may set later) now; how many were captured."""
+        rows = max(self.limits.max_num_seqs, self.runner.config.max_graph_batch)
+        return self.runner.capture_all(rows, self.loaded.context_length)
 
     # -- statistics -----------------------------------------------------------------------
 

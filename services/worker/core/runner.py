@@ -168,7 +168,7 @@ class ModelRunner:
         """
         torch.cuda.synchronize(self.device)
         tokens = min(self.config.max_batched_tokens, self.shape.max_positions)
-        rows = min(self.config.max_num_seqs, self.config.max_graph_batch)
+        rows = self.config.max_graph_batch  # graphs are captured up to it, whatever the limits
         blocks = max(-(-tokens // self.block_size), self.max_blocks_per_seq) + 1
         self.cache = KVCache.allocate(
             self.shape, blocks, self.block_size, self.weights.dtype, self.device
@@ -233,6 +233,46 @@ class ModelRunner:
         merged = logits[0] if len(logits) == 1 else torch.cat(logits)
         return sample(merged, sampling(chosen)).tolist()
 
+    @torch.inference_mode()
+    def decode_steps(
+        self, chunks: list[Chunk], steps: int, sampling: SamplingBatch
+    ) -> list[list[int]]:
+        """``steps`` decode steps back to back on the device, each feeding its sampled ids
+        to the next without a host round trip; the ids of every step, per chunk.
+
+        Every chunk must be a decode whose blocks already hold ``start + steps`` tokens.
+        """
+        assert self.cache is not None
+        rows = len(chunks)
+        blocks = _bucket_blocks(
+            max(len(c.seq.block_table) for c in chunks), self.max_blocks_per_seq
+        )
+        graphs = self.on_cuda and self.config.cuda_graphs
+        bucket = _bucket(rows, self.config.max_graph_batch) if graphs else None
+        host = _DecodeInputs.build(chunks, bucket or rows, blocks, self.block_size, self.cache)
+        slots = _future_slots(host, rows, steps, self.block_size).to(self.device, non_blocking=True)
+        if bucket is not None:
+            inputs = self._load_static(host, bucket, blocks)
+            graph = self._graphs.get((bucket, blocks)) or self._capture(bucket, blocks)
+        else:
+            inputs = {k: v.to(self.device, non_blocking=True) for k, v in host.items()}
+        chosen: list[torch.Tensor] = []
+        for i in range(steps):
+            if i:
+                _advance(inputs, rows, chosen[-1], slots[i])
+            if bucket is not None:
+                graph.graph.replay()
+                logits = graph.logits[:rows]
+            else:
+                logits = self._forward_decode(inputs)
+            chosen.append(sample(logits, sampling.at_step(i)))
+        return torch.stack(chosen).tolist()
+
+    def _forward_decode(self, t: dict[str, torch.Tensor]) -> torch.Tensor:
+        assert self.cache is not None
+        attend = self._decode_attention(t["tables"], t["lens"])
+        return forward(self.weights, self.cache, t["ids"], t["positions"], t["slots"], attend, None)
+
     def _prefill_logits(self, chunks: list[Chunk]) -> torch.Tensor:
         """Logits of the chunks that sample (their last token), in chunk order."""
         assert self.cache is not None
@@ -250,7 +290,7 @@ class ModelRunner:
             max(len(c.seq.block_table) for c in chunks), self.max_blocks_per_seq
         )
         rows = len(chunks)
-        bucket = _bucket(rows, min(self.config.max_graph_batch, self.config.max_num_seqs))
+        bucket = _bucket(rows, self.config.max_graph_batch)
         if not (self.on_cuda and self.config.cuda_graphs) or bucket is None:
             return self._decode_eager(chunks, blocks)
         self._fill_static(chunks, bucket, blocks)
@@ -284,10 +324,19 @@ class ModelRunner:
     def _fill_static(self, chunks: list[Chunk], bucket: int, blocks: int) -> None:
         assert self.cache is not None
         host = _DecodeInputs.build(chunks, bucket, blocks, self.block_size, self.cache)
+        self._load_static(host, bucket, blocks)
+
+    def _load_static(
+        self, host: dict[str, torch.Tensor], bucket: int, blocks: int
+    ) -> dict[str, torch.Tensor]:
+        """Copy a step's inputs into the graphs' static buffers; the views written."""
+        views = {}
         for name, values in host.items():
             target = self._static[name]  # "logits" is written by the graph, not here
             view = target[:bucket, :blocks] if name == "tables" else target[:bucket]
             view.copy_(values, non_blocking=True)
+            views[name] = view
+        return views
 
     def _capture(self, bucket: int, blocks: int) -> _DecodeGraph:
         assert self.cache is not None
@@ -393,6 +442,28 @@ def _bucket_blocks(blocks: int, most: int) -> int:
     while size < blocks:
         size *= 2
     return min(size, most)
+
+
+def _future_slots(
+    host: dict[str, torch.Tensor], rows: int, steps: int, block_size: int
+) -> torch.Tensor:
+    """``[steps, width]``: the cache slot of each row's token at every step ahead."""
+    tables = host["tables"].numpy()
+    slots = np.repeat(host["slots"].numpy()[None, :], steps, axis=0)
+    ahead = host["positions"].numpy()[:rows, None] + np.arange(steps)[None, :]
+    blocks = np.take_along_axis(tables[:rows], ahead // block_size, axis=1)
+    slots[:, :rows] = (blocks * block_size + ahead % block_size).T
+    return torch.from_numpy(np.ascontiguousarray(slots))
+
+
+def _advance(
+    inputs: dict[str, torch.Tensor], rows: int, ids: torch.Tensor, slots: torch.Tensor
+) -> None:
+    """Move a decode step's inputs one token on, on the device (padding rows stay)."""
+    inputs["ids"][:rows].copy_(ids)
+    inputs["positions"][:rows].add_(1)
+    inputs["lens"][:rows].add_(1)
+    inputs["slots"].copy_(slots)
 
 
 def _length_mask(lens: torch.Tensor, width: int) -> torch.Tensor:

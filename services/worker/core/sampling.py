@@ -10,7 +10,7 @@ preemption. No host synchronisation: the caller reads the chosen ids once per st
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -84,6 +84,12 @@ class SamplingBatch:
             batch.seeds = _tensor(seeds, device, torch.int64)
             batch.counters = _tensor([generated[i] for i in rows], device, torch.int64)
         return batch
+
+    def at_step(self, step: int) -> SamplingBatch:
+        """The same rows ``step`` tokens later (a seeded row's draw counter moves on)."""
+        if step == 0 or self.counters is None:
+            return self
+        return replace(self, counters=self.counters + step)
 
 
 def _tensor(values: list, device: torch.device, dtype: torch.dtype) -> torch.Tensor:

@@ -252,3 +252,24 @@ def test_reconfiguring_mid_run_loses_nothing(fp32: LoadedModel, change: str) -> 
     else:
         assert core.stats().kv_blocks_total == 30
         assert {rid: o.text for rid, o in done.items()} == expected
+
+
+def test_decode_steps_ahead_change_nothing_but_the_number_of_steps(fp32: LoadedModel) -> None:
+    greedy = make_requests(10, seed=21)
+    sampled = [
+        r.model_copy(update={"id": f"s{i}", "params": r.params.model_copy(
+            update={"temperature": 0.8, "top_p": 0.9, "seed": 100 + i})})
+        for i, r in enumerate(make_requests(4, seed=22))
+    ]  # fmt: skip
+    expected = reference(fp32, greedy)
+    runs = {}
+    for steps in (1, 7):
+        core = EngineCore(fp32, config(decode_steps=steps, max_num_seqs=16))
+        done, outputs = drive(core, [*greedy, *sampled], joins_per_step=14)
+        runs[steps] = ({rid: o.text for rid, o in done.items()}, len(outputs))
+        assert all(o.completion_tokens == r.params.max_tokens for r in [*greedy, *sampled]
+                   for o in [done[r.id]])  # fmt: skip
+        assert core.stats().kv_blocks_used == 0
+    assert {rid: runs[7][0][rid] for rid in expected} == expected
+    assert runs[7][0] == runs[1][0]  # seeded sampling too: same text, any step grouping
+    assert runs[7][1] < runs[1][1] / 2  # far fewer host round trips
