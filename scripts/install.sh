@@ -10,5 +10,6 @@ PYTHON=${PYTHON:-python3}
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   .venv/bin/python -m pip install -q "torch==2.13.0" || .venv/bin/python -m pip install -q "torch>=2.11"
 fi
-.venv/bin/python -m pip install -q -e ".[dev]"
+# Every extra: the worker (torch, transformers), the benchmark and the dev tools.
+.venv/bin/python -m pip install -q -e ".[worker,bench,dev]"
 touch .venv/.installed
