@@ -25,12 +25,13 @@ SECRETS = {
 
 
 def env_file(folder: Path, values: dict[str, str] | None = None) -> Path:
-    """deploy/.env.example with its empty secrets filled in (as an operator does)."""
+    """deploy/.env.example with its secrets filled in and ``values`` set (as an operator does)."""
     values = SECRETS if values is None else values
-    lines = []
+    lines, unused = [], dict(values)
     for line in (ROOT / "deploy" / ".env.example").read_text().splitlines():
         name = line.split("=", 1)[0]
-        lines.append(f"{name}={values[name]}" if name in values else line)
+        lines.append(f"{name}={unused.pop(name)}" if name in unused else line)
+    lines += [f"{name}={value}" for name, value in unused.items()]
     path = folder / "test.env"
     path.write_text("\n".join(lines) + "\n")
     return path

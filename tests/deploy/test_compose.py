@@ -76,6 +76,21 @@ def test_secrets_come_from_the_env_file_and_nothing_is_hard_coded(
     assert done.returncode != 0 and "set REDIS_PASSWORD in .env" in done.stderr
 
 
+def test_a_host_that_only_adds_workers_points_them_at_the_shared_stores(
+    tmp_path: Path,
+) -> None:
+    shared = {"AEGIS_REDIS_URL": "redis://:pw@stores.example:6379/0",
+              "AEGIS_DATABASE_URL": "postgresql://aegis:pw@stores.example:5432/aegis",
+              "AEGIS_NODE": "node1"}  # fmt: skip
+    services = resolved([BASE], env_file(tmp_path, {**SECRETS, **shared}))["services"]
+    for name in ("worker", "monitor"):
+        environment = services[name]["environment"]
+        assert environment["AEGIS_REDIS_URL"] == shared["AEGIS_REDIS_URL"]
+        assert environment["AEGIS_DATABASE_URL"] == shared["AEGIS_DATABASE_URL"]
+    assert services["worker"]["environment"]["AEGIS_WORKER_ID"] == "node1-gpu0"
+    assert services["monitor"]["environment"]["AEGIS_HOST_NAME"] == "node1"
+
+
 def test_published_ports_stay_on_loopback_unless_the_env_says_otherwise(env: Path) -> None:
     services = resolved([BASE], env, ("observability",))["services"]
     published = [p for s in services.values() for p in s.get("ports", [])]
