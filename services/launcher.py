@@ -212,7 +212,11 @@ def add_run_arguments(run: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """``aegis run``: validate, look at Redis, start the children and supervise them."""
-    settings = LauncherSettings()
+    try:
+        settings = LauncherSettings()
+    except ValidationError as exc:  # before logging is set up: plain stderr
+        print(f"aegis run: bad setting: {exc}", file=sys.stderr)
+        return EXIT_BAD_SETTINGS
     setup_logging(settings.log_level, settings.log_json, "launcher")
     names = [n for n in (args.only or SERVICES) if n not in args.without]
     try:

@@ -99,6 +99,16 @@ def test_a_bad_setting_stops_the_launcher_with_pydantics_message(
     assert "started gateway" not in log  # nothing started, so nothing restarts forever
 
 
+def test_a_bad_setting_of_the_launcher_itself_is_a_message_not_a_traceback(
+    aegis_env: dict[str, str], tmp_path: Path
+) -> None:
+    launcher = _launcher({**aegis_env, "AEGIS_LOG_LEVEL": "LOUD"}, tmp_path, "--only", "agent")
+    assert launcher.process.wait(60) == 2
+    log = launcher.log()
+    assert "aegis run: bad setting: 1 validation error" in log and "log_level" in log
+    assert "Traceback" not in log
+
+
 def test_a_service_that_keeps_dying_at_start_stops_the_launcher(
     aegis_env: dict[str, str], tmp_path: Path
 ) -> None:
