@@ -30,6 +30,24 @@ class Keys:
         """Set once a request's final result is published: a redelivery is answered once."""
         return f"{self.prefix}:done:{request_id}"
 
+    def cancel(self, request_id: str) -> str:
+        """Set (with a TTL) when a request's client left or its deadline passed."""
+        return f"{self.prefix}:cancel:{request_id}"
+
+    def idempotency(self, scope: str) -> str:
+        """An ``Idempotency-Key``'s record (the first run's requests, then its results)."""
+        return f"{self.prefix}:idempotency:{scope}"
+
+    @property
+    def dead_letters(self) -> str:
+        """Capped stream of requests given up after too many failed deliveries."""
+        return f"{self.prefix}:dead-letters"
+
+    @property
+    def dead_letter_count(self) -> str:
+        """Counter of every dead letter ever written (the stream itself is capped)."""
+        return f"{self.prefix}:dead-letters:count"
+
     def control(self, worker_id: str) -> str:
         """Hash holding the versioned control settings of one worker."""
         return f"{self.prefix}:control:{worker_id}"

@@ -5,7 +5,14 @@ until the worker that answered it acknowledges it; entries left pending by a dea
 are reclaimed (XAUTOCLAIM) by a live one after ``visibility_timeout_s``, and a worker
 running a long batch keeps its claim fresh (:meth:`WorkerQueue.refresh_claims`).
 Answers go to a per-request result stream with a TTL; a ``done`` marker makes the final
-answer of a redelivered request be published once.
+answer of a redelivered request be published once. A result stream keeps at most
+``RESULT_MAXLEN`` deltas and lives ``RESULT_READ_TTL_S`` once its reader has the answer.
+
+Admission is one script (:data:`ADMIT`): every sequence of an HTTP body is queued, or
+none is, against a bound that counts both the backlog and what workers hold. A client
+that leaves (or a deadline that passes) sets a per-request cancel key the worker polls
+once per step (:meth:`WorkerQueue.cancelled`); a request that failed too many
+deliveries is dead-lettered (:meth:`WorkerQueue.dead_letter`).
 
 Two clients: :class:`WorkerQueue` (sync redis-py, used by workers and jobs) and
 :class:`GatewayQueue` (redis.asyncio, used by the gateway).
@@ -13,6 +20,7 @@ Two clients: :class:`WorkerQueue` (sync redis-py, used by workers and jobs) and
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Iterable
@@ -25,7 +33,16 @@ from pydantic import ValidationError
 
 from shared.keys import WORKER_GROUP, Keys
 from shared.replies import as_text
-from shared.schemas import GenerationRequest, GenerationResult, TokenDelta, dump, load
+from shared.schemas import (
+    DeadLetter,
+    GenerationRequest,
+    GenerationResult,
+    IdempotencyRecord,
+    TokenDelta,
+    dump,
+    load,
+    now,
+)
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +56,62 @@ redis.call('EXPIRE', KEYS[2], ARGV[1])
 return 1
 """
 RESULT_TTL_S = 900
+# Deltas kept per result stream: a reader that falls this far behind still gets the
+# whole text from the final result, which is never trimmed (it is the last entry).
+RESULT_MAXLEN = 1000
+# Once the gateway has read a final answer, its stream only needs to outlive a slow
+# second reader (a concurrent retry with the same Idempotency-Key).
+RESULT_READ_TTL_S = 30
+# A cancel key must outlive the request's stay in the queue and a redelivery.
+CANCEL_TTL_S = 900
+DEAD_LETTER_MAXLEN = 1000
+PREVIEW_CHARS = 200
+
+# KEYS: requests stream, [idempotency record]; ARGV: bound, group, record JSON, record
+# TTL, then one request JSON per sequence. The bound counts what no worker has read yet
+# (the group's lag) plus what workers hold (pending); XLEN when the group's lag is
+# unknown (no group yet). Returns {status, depth or record}.
+ADMIT = f"""
+if KEYS[2] then
+  local record = redis.call('GET', KEYS[2])
+  if record then return {{'duplicate', record}} end
+end
+local depth = redis.call('XLEN', KEYS[1])
+local ok, groups = pcall(redis.call, 'XINFO', 'GROUPS', KEYS[1])
+if ok then
+  for _, group in ipairs(groups) do
+    local info = {{}}
+    for i = 1, #group, 2 do info[group[i]] = group[i + 1] end
+    if info['name'] == ARGV[2] and info['lag'] then depth = info['lag'] + info['pending'] end
+  end
+end
+local count = #ARGV - 4
+if depth + count > tonumber(ARGV[1]) then return {{'full', depth}} end
+for i = 5, #ARGV do redis.call('XADD', KEYS[1], '*', '{FIELD}', ARGV[i]) end
+if KEYS[2] then redis.call('SET', KEYS[2], ARGV[3], 'EX', ARGV[4]) end
+return {{'admitted', depth}}
+"""
+
+# KEYS: done marker, result stream, dead-letter stream, dead-letter counter, requests;
+# ARGV: result TTL, result JSON, dead letter JSON, dead-letter cap, group, entry id.
+# Answers the client (once), records the dead letter and acks, all or nothing.
+DEAD_LETTER = f"""
+local published = 0
+if redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then
+  redis.call('XADD', KEYS[2], '*', '{KIND}', 'result', '{FIELD}', ARGV[2])
+  redis.call('EXPIRE', KEYS[2], ARGV[1])
+  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[4], '*', '{FIELD}', ARGV[3])
+  redis.call('INCR', KEYS[4])
+  published = 1
+end
+redis.call('XACK', KEYS[5], ARGV[5], ARGV[6])
+redis.call('XDEL', KEYS[5], ARGV[6])
+return published
+"""
 
 
 class QueueFull(Exception):
-    """The request stream is deeper than the admission bound."""
+    """The queue (backlog plus what workers hold) has no room for a whole body."""
 
     def __init__(self, depth: int, bound: int) -> None:
         super().__init__(f"queue depth {depth} is over its bound {bound}")
@@ -96,6 +165,7 @@ class WorkerQueue:
         self.max_deliveries = max_deliveries
         self.result_ttl_s = result_ttl_s
         self._publish_once = client.register_script(PUBLISH_ONCE)
+        self._dead_letter = client.register_script(DEAD_LETTER)
         ensure_group(client, keys)
 
     def pull(self, count: int, block_ms: int = 1000) -> list[Delivery]:
@@ -172,6 +242,49 @@ class WorkerQueue:
             pipe.exists(self.keys.done(request_id))
         return {rid for rid, found in zip(request_ids, pipe.execute(), strict=True) if found}
 
+    def cancelled(self, request_ids: list[str]) -> set[str]:
+        """Those whose client left or whose deadline passed, in one round trip (MGET).
+
+        Meant to be called once per engine step with the running requests' ids.
+        """
+        if not request_ids:
+            return set()
+        flags = self.client.mget([self.keys.cancel(rid) for rid in request_ids])
+        return {rid for rid, flag in zip(request_ids, flags, strict=True) if flag is not None}
+
+    def dead_letter(self, delivery: Delivery, error: str, model: str, worker_id: str) -> bool:
+        """Give up on a request: answer its client with ``error`` once, record, ack.
+
+        The error result, the dead-letter entry and the ack are one script, so a worker
+        killed half-way leaves the request either untouched or wholly dead-lettered.
+        Returns False when another delivery had already answered it (nothing recorded).
+        """
+        request = delivery.request
+        reason = f"request failed {delivery.deliveries} deliveries and was given up: {error}"
+        result = GenerationResult(
+            request_id=request.id, text="", finish_reason="error",
+            prompt_tokens=request.prompt_len, completion_tokens=0, model=model,
+            worker_id=worker_id, queued_at=request.enqueued_at, started_at=now(), error=reason,
+        )  # fmt: skip
+        letter = DeadLetter(
+            request_id=request.id, entry_id=delivery.entry_id, deliveries=delivery.deliveries,
+            error=error, worker_id=worker_id, model=model, prompt_tokens=request.prompt_len,
+            prompt_preview=request.prompt[:PREVIEW_CHARS], params=request.params,
+        )  # fmt: skip
+        keys = [
+            self.keys.done(request.id), self.keys.result(request.id), self.keys.dead_letters,
+            self.keys.dead_letter_count, self.keys.requests,
+        ]  # fmt: skip
+        args: list[str | int] = [
+            self.result_ttl_s, dump(result), dump(letter), DEAD_LETTER_MAXLEN, WORKER_GROUP,
+            delivery.entry_id,
+        ]  # fmt: skip
+        published = bool(self._dead_letter(keys=keys, args=args))
+        if published:
+            log.error("dead-lettered %s after %d deliveries: %s", request.id,
+                      delivery.deliveries, error)  # fmt: skip
+        return published
+
     def publish_deltas(self, deltas: list[TokenDelta]) -> None:
         """Publish many deltas in one round trip (one per streaming request and step)."""
         if not deltas:
@@ -179,7 +292,7 @@ class WorkerQueue:
         pipe = self.client.pipeline(transaction=False)
         for delta in deltas:
             key = self.keys.result(delta.request_id)
-            pipe.xadd(key, {KIND: "delta", FIELD: dump(delta)})
+            pipe.xadd(key, {KIND: "delta", FIELD: dump(delta)}, maxlen=RESULT_MAXLEN)
             pipe.expire(key, self.result_ttl_s)
         pipe.execute()
 
@@ -239,23 +352,81 @@ def parse_event(fields: dict) -> TokenDelta | GenerationResult:
     return load(TokenDelta, _field(fields, FIELD))
 
 
+@dataclass
+class Admitted:
+    """A body's sequences were queued (``record`` is None) or already were, by the
+    first run of the same ``Idempotency-Key`` (``record`` says what that run was)."""
+
+    depth: int = 0
+    record: IdempotencyRecord | None = None
+
+
 class GatewayQueue:
-    """The gateway's side: admission, submission, and waiting for answers."""
+    """The gateway's side: admission, submission, cancellation, and waiting for answers."""
 
     def __init__(self, client: aioredis.Redis, keys: Keys, max_depth: int) -> None:
         self.client = client
         self.keys = keys
         self.max_depth = max_depth
+        self._admit = client.register_script(ADMIT)
 
     async def depth(self) -> int:
         return int(await self.client.xlen(self.keys.requests))
 
     async def submit(self, request: GenerationRequest) -> None:
-        """Queue a request, or raise :class:`QueueFull` when the backlog is over its bound."""
-        depth = await self.depth()
-        if depth >= self.max_depth:
-            raise QueueFull(depth, self.max_depth)
-        await self.client.xadd(self.keys.requests, {FIELD: dump(request)})
+        """Queue one request, or raise :class:`QueueFull` when there is no room."""
+        await self.admit([request])
+
+    async def admit(
+        self,
+        requests: list[GenerationRequest],
+        idempotency_key: str | None = None,
+        record: IdempotencyRecord | None = None,
+        record_ttl_s: int = 3600,
+    ) -> Admitted:
+        """Queue all ``requests`` or none (:class:`QueueFull`), in one script.
+
+        With ``idempotency_key``, ``record`` is stored under it with the requests; when
+        a record is already there nothing is queued and that record is returned.
+        """
+        keys = [self.keys.requests]
+        if idempotency_key is not None:
+            keys.append(self.keys.idempotency(idempotency_key))
+        record_json = dump(record) if record is not None else ""
+        args: list[str | int] = [self.max_depth, WORKER_GROUP, record_json, record_ttl_s]
+        status, value = await self._admit(keys=keys, args=args + [dump(r) for r in requests])
+        status = as_text(status)
+        if status == "duplicate":
+            return Admitted(record=load(IdempotencyRecord, value))
+        if status == "full":
+            raise QueueFull(int(value), self.max_depth)
+        return Admitted(depth=int(value))
+
+    async def save_results(
+        self, idempotency_key: str, record: IdempotencyRecord, results: list[GenerationResult]
+    ) -> None:
+        """Keep a finished body's answers under its key (same TTL) for later retries."""
+        done = record.model_copy(update={"results": results})
+        await self.client.set(self.keys.idempotency(idempotency_key), dump(done), xx=True,
+                              keepttl=True)  # fmt: skip
+
+    async def request_cancel(self, request_ids: list[str], ttl_s: int = CANCEL_TTL_S) -> None:
+        """Tell workers to stop generating these requests (client gone, deadline passed)."""
+        if not request_ids:
+            return
+        pipe = self.client.pipeline(transaction=False)
+        for request_id in request_ids:
+            pipe.set(self.keys.cancel(request_id), "1", ex=ttl_s)
+        await pipe.execute()
+
+    async def finish_reading(self, request_ids: list[str]) -> None:
+        """The answers were read: their result streams expire soon instead of in 15 min."""
+        if not request_ids:
+            return
+        pipe = self.client.pipeline(transaction=False)
+        for request_id in request_ids:
+            pipe.expire(self.keys.result(request_id), RESULT_READ_TTL_S)
+        await pipe.execute()
 
     async def events(
         self, request_id: str, timeout_s: float
@@ -263,12 +434,18 @@ class GatewayQueue:
         """Events of one request in order, ending with its result; TimeoutError if none.
 
         A redelivered request may resend text already streamed: deltas are passed on
-        only for characters past those already yielded.
+        only for characters past those already yielded. A Redis that restarts (or is
+        loading its AOF) is waited for until the deadline: the request is not lost.
         """
         key, last, sent = self.keys.result(request_id), "0", 0
         loop_deadline = _Deadline(timeout_s)
         while not loop_deadline.expired():
-            reply = await self.client.xread({key: last}, block=loop_deadline.block_ms())
+            try:
+                reply = await self.client.xread({key: last}, block=loop_deadline.block_ms())
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                log.warning("waiting for redis to read %s: %s", request_id, exc)
+                await asyncio.sleep(min(0.5, loop_deadline.remaining()))
+                continue
             for entry_id, fields in _entries(reply):
                 last = as_text(entry_id)
                 event = parse_event(fields)
@@ -291,5 +468,8 @@ class _Deadline:
     def expired(self) -> bool:
         return time.monotonic() >= self.end
 
+    def remaining(self) -> float:
+        return max(0.0, self.end - time.monotonic())
+
     def block_ms(self) -> int:
-        return max(1, min(1000, int((self.end - time.monotonic()) * 1000)))
+        return max(1, min(1000, int(self.remaining() * 1000)))

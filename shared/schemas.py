@@ -13,7 +13,7 @@ from typing import Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field
 
 Precision = Literal["fp32", "bf16", "fp16", "int8"]
-FinishReason = Literal["stop", "length", "error"]
+FinishReason = Literal["stop", "length", "error", "cancelled"]
 RequestKind = Literal["completion", "chat"]
 
 M = TypeVar("M", bound=BaseModel)
@@ -115,9 +115,14 @@ class ControlSettings(_Wire):
     """Settings the agent decides and a worker applies at its next batch boundary."""
 
     version: int = 0
+    # Max concurrent sequences of the engine core (the seed's "batch size").
     batch_size: int = Field(default=16, ge=1)
     max_seq_len: int = Field(default=2048, ge=16)
     precision: Precision = "bf16"
+    # Tokens one engine step may compute (prefill chunks + decodes); 0: the worker's default.
+    max_batched_tokens: int = Field(default=0, ge=0)
+    # Bytes of the paged KV pool; 0: all the memory the device can spare.
+    kv_budget_bytes: int = Field(default=0, ge=0)
     reason: str = "initial settings"
     updated_at: float = Field(default_factory=now)
 
@@ -181,6 +186,25 @@ class CycleStats(_Wire):
     oom_events: int = 0
     # Memory freed (negative: taken) by a precision change applied before this cycle.
     precision_saved_bytes: int | None = None
+    # Engine-core figures of the window of steps this record covers (continuous
+    # batching: ``batch_size`` is the most sequences running at once in the window).
+    steps: int = 1
+    requests_finished: int = 0
+    running: int = 0
+    waiting: int = 0
+    kv_blocks_used: int = 0
+    kv_blocks_total: int = 0
+    kv_usage: float = 0.0
+    kv_pool_bytes: int = 0
+    preemptions: int = 0
+    prefill_tokens: int = 0
+    decode_tokens: int = 0
+    step_time_mean_s: float | None = None
+    ttft_p50_s: float | None = None
+    ttft_p95_s: float | None = None
+    itl_p50_s: float | None = None
+    itl_p95_s: float | None = None
+    max_batched_tokens: int = 0
 
 
 class OomEvent(_Wire):
@@ -254,3 +278,39 @@ class WorkerInfo(_Wire):
     synthetic: bool
     context_length: int | None = None
     started_at: float = Field(default_factory=now)
+
+
+class DeadLetter(_Wire):
+    """A request given up after failing ``deliveries`` times; its client got ``error``."""
+
+    type: Literal["dead_letter"] = "dead_letter"
+    ts: float = Field(default_factory=now)
+    request_id: str
+    entry_id: str
+    deliveries: int
+    error: str
+    worker_id: str
+    model: str
+    prompt_tokens: int
+    # The start of the prompt only: a capped stream must stay small.
+    prompt_preview: str
+    params: SamplingParams
+
+
+class IdempotencyRecord(_Wire):
+    """What an ``Idempotency-Key`` stands for: the first run of a body, then its answers.
+
+    A retry with the same key is answered from the requests named here (and, once
+    they are done, from ``results``) instead of running the body again.
+    """
+
+    body_digest: str
+    response_id: str
+    created: int
+    model_name: str
+    synthetic: bool
+    prompt_tokens: int
+    include_usage: bool = False
+    request_ids: list[str]
+    enqueued_at: float = Field(default_factory=now)
+    results: list[GenerationResult] | None = None

@@ -9,8 +9,15 @@ import redis
 import redis.asyncio as aioredis
 
 from shared.keys import Keys
-from shared.queue import GatewayQueue, QueueFull, WorkerQueue
-from shared.schemas import GenerationRequest, GenerationResult, TokenDelta
+from shared.queue import RESULT_MAXLEN, RESULT_READ_TTL_S, GatewayQueue, QueueFull, WorkerQueue
+from shared.schemas import (
+    DeadLetter,
+    GenerationRequest,
+    GenerationResult,
+    IdempotencyRecord,
+    SamplingParams,
+    TokenDelta,
+)
 
 
 def _request(i: int) -> GenerationRequest:
@@ -120,3 +127,128 @@ def test_released_entries_are_reclaimable_at_once(redis_client: redis.Redis, key
     held = leaving.pull(1, block_ms=10)
     leaving.release([d.entry_id for d in held])
     assert [d.request.id for d in staying.pull(1, block_ms=10)] == ["r7"]
+
+
+def _gateway_queue(
+    redis_url: str, keys: Keys, max_depth: int
+) -> tuple[aioredis.Redis, GatewayQueue]:
+    client = aioredis.Redis.from_url(redis_url)
+    return client, GatewayQueue(client, keys, max_depth=max_depth)
+
+
+def test_admission_queues_a_whole_body_or_nothing(
+    redis_client: redis.Redis, keys: Keys, redis_url: str
+) -> None:
+    worker = WorkerQueue(redis_client, keys, "w")
+
+    async def scenario() -> None:
+        client, gateway = _gateway_queue(redis_url, keys, max_depth=10)
+        await gateway.admit([_request(i) for i in range(8)])
+        # Two held by a worker still count: 8 in all, so a body of 3 does not fit.
+        held = worker.pull(2, block_ms=10)
+        assert len(held) == 2
+        try:
+            await gateway.admit([_request(i) for i in range(10, 13)])
+            raise AssertionError("a body over the bound must be refused whole")
+        except QueueFull as exc:
+            assert exc.depth == 8
+        assert worker.depth() == 8  # nothing of the refused body was queued
+        admitted = await gateway.admit([_request(20), _request(21)])
+        assert admitted.depth == 8 and admitted.record is None
+        # Counted from the group (lag + pending), not XLEN: an entry acked but not
+        # deleted no longer counts.
+        redis_client.xack(keys.requests, "workers", held[0].entry_id)
+        assert (await gateway.admit([_request(30)])).depth == 9
+        await client.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_an_idempotency_key_queues_its_body_once(
+    redis_client: redis.Redis, keys: Keys, redis_url: str
+) -> None:
+    record = IdempotencyRecord(
+        body_digest="d", response_id="cmpl-1", created=1, model_name="m", synthetic=True,
+        prompt_tokens=3, request_ids=["r1"],
+    )  # fmt: skip
+
+    async def scenario() -> None:
+        client, gateway = _gateway_queue(redis_url, keys, max_depth=10)
+        first = await gateway.admit([_request(1)], "key-a", record, record_ttl_s=60)
+        again = await gateway.admit([_request(1)], "key-a", record, record_ttl_s=60)
+        assert first.record is None
+        assert again.record == record
+        await gateway.save_results("key-a", record, [_result("r1", "answer")])
+        stored = await gateway.admit([_request(1)], "key-a", record)
+        assert stored.record is not None and stored.record.results is not None
+        assert stored.record.results[0].text == "answer"
+        await client.aclose()
+
+    asyncio.run(scenario())
+    assert WorkerQueue(redis_client, keys, "w").depth() == 1
+    assert 0 < redis_client.ttl(keys.idempotency("key-a")) <= 60
+
+
+def test_cancel_keys_are_seen_by_the_worker_in_one_call(
+    redis_client: redis.Redis, keys: Keys, redis_url: str
+) -> None:
+    worker = WorkerQueue(redis_client, keys, "w")
+    assert worker.cancelled([]) == set()
+
+    async def scenario() -> None:
+        client, gateway = _gateway_queue(redis_url, keys, max_depth=10)
+        await gateway.request_cancel(["a", "c"], ttl_s=30)
+        await client.aclose()
+
+    asyncio.run(scenario())
+    assert worker.cancelled(["a", "b", "c"]) == {"a", "c"}
+    assert 0 < redis_client.ttl(keys.cancel("a")) <= 30
+
+
+def test_a_dead_letter_answers_once_records_and_acks(redis_client: redis.Redis, keys: Keys) -> None:
+    queue = WorkerQueue(redis_client, keys, "w")
+    poison = GenerationRequest(
+        id="bad", prompt="p" * 500, prompt_token_ids=[1, 2], params=SamplingParams(seed=7)
+    )
+    queue.submit(poison)
+    delivery = queue.pull(1, block_ms=10)[0]
+    delivery.deliveries = 5
+    assert queue.dead_letter(delivery, "Overflow when unpacking long long", "m", "w")
+    answer = queue.wait_result("bad", timeout_s=1)
+    assert answer is not None and answer.finish_reason == "error"
+    assert "failed 5 deliveries" in (answer.error or "")
+    assert "Overflow" in (answer.error or "")
+    assert queue.depth() == 0  # acked and deleted
+    assert redis_client.xpending(keys.requests, "workers")["pending"] == 0
+    entries = redis_client.xrange(keys.dead_letters)
+    letter = DeadLetter.model_validate_json(entries[0][1][b"data"])
+    assert (letter.request_id, letter.deliveries, letter.params.seed) == ("bad", 5, 7)
+    assert len(letter.prompt_preview) == 200
+    assert int(redis_client.get(keys.dead_letter_count) or 0) == 1
+    # A second delivery of the same poison request answers nobody twice.
+    assert not queue.dead_letter(delivery, "again", "m", "w")
+    assert redis_client.xlen(keys.dead_letters) == 1
+
+
+def test_result_streams_are_capped_and_expire_soon_after_reading(
+    redis_client: redis.Redis, keys: Keys, redis_url: str
+) -> None:
+    queue = WorkerQueue(redis_client, keys, "w")
+    for start in range(0, RESULT_MAXLEN * 3, 500):
+        queue.publish_deltas(
+            [TokenDelta(request_id="long", offset=i, text="x") for i in range(start, start + 500)]
+        )
+    assert redis_client.xlen(keys.result("long")) < RESULT_MAXLEN * 1.5
+    queue.publish_result(_result("long", "x" * RESULT_MAXLEN * 3))
+
+    async def scenario() -> str:
+        client, gateway = _gateway_queue(redis_url, keys, max_depth=10)
+        events = [event async for event in gateway.events("long", timeout_s=2)]
+        await gateway.finish_reading(["long"])
+        await client.aclose()
+        final = events[-1]
+        assert isinstance(final, GenerationResult)
+        return final.text
+
+    assert len(asyncio.run(scenario())) == RESULT_MAXLEN * 3
+    assert 0 < redis_client.ttl(keys.result("long")) <= RESULT_READ_TTL_S

@@ -87,6 +87,12 @@ class ServedModel:
             return f"synthetic:{name}"
         return name
 
+    def names(self) -> set[str]:
+        """Every name a client may call this model by: served, loaded, asked for, short."""
+        full = {self.served_name, self.info.name, self.info.requested}
+        short = {name.removeprefix("synthetic:").rsplit("/", 1)[-1] for name in full}
+        return full | short
+
     def encode_prompt(self, text: str) -> list[int]:
         """Token ids of a raw completion prompt (with the model's special tokens)."""
         return list(self.tokenizer.encode(text, add_special_tokens=True).ids)

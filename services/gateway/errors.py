@@ -44,10 +44,28 @@ class ApiError(Exception):
         return error_body(self.message, self.type, self.param, self.code)
 
 
+def _printable(text: str | None) -> str | None:
+    """Text safe to send as UTF-8 JSON: a lone surrogate from the input shows as ``\\ud800``."""
+    if text is None:
+        return None
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def error_body(
     message: str, type_: str, param: str | None = None, code: str | None = None
 ) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    return {
+        "error": {
+            "message": _printable(message),
+            "type": type_,
+            "param": _printable(param),
+            "code": code,
+        }
+    }
+
+
+def error_response(error: ApiError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> ApiError:
@@ -79,7 +97,9 @@ def _where(loc: list[Any]) -> str:
 
 def _describe(error: dict[str, Any]) -> tuple[str, str | None]:
     """One readable line and the offending parameter of a pydantic error."""
-    loc = [part for part in error.get("loc", ()) if part != "body"]
+    loc = list(error.get("loc", ()))
+    if loc and loc[0] in ("body", "header", "query", "path"):
+        loc = loc[1:]
     if error.get("type") == "json_invalid":
         return f"request body is not valid JSON: {error.get('msg', '')}", None
     where = _where(loc)
@@ -90,7 +110,7 @@ def _describe(error: dict[str, Any]) -> tuple[str, str | None]:
 
 async def _api_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ApiError)
-    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+    return error_response(exc)
 
 
 async def _validation_error(_: Request, exc: Exception) -> JSONResponse:

@@ -52,6 +52,17 @@ class GatewayMetrics:
         self.tokens = Counter(
             "aegis_gateway_tokens_generated", "Completion tokens generated", registry=reg
         )
+        self.cancels = Counter(
+            "aegis_gateway_cancelled_requests",
+            "Requests whose work the gateway cancelled (client_left, deadline, shutdown, error)",
+            ["reason"],
+            registry=reg,
+        )
+        self.dead_letters = Gauge(
+            "aegis_dead_letters",
+            "Requests dead-lettered after too many failed deliveries (all workers, ever)",
+            registry=reg,
+        )
 
     def observe_result(
         self, request: GenerationRequest, result: GenerationResult, first_token_at: float | None

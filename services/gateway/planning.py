@@ -1,8 +1,10 @@
 """From a validated HTTP body to the :class:`GenerationRequest` s to queue.
 
 Checks that depend on settings or on the served model live here (bounds on
-``max_tokens``, ``n``, ``stop``; empty prompts; the context length), each failing with a
-400 :class:`ApiError` that names the parameter. Choice ``i`` of a body is request
+``max_tokens``, ``n``, ``stop``; empty prompts; the context length; the model name;
+fields AEGIS does not apply), each failing with a 400 (404 for an unknown model)
+:class:`ApiError` that names the parameter. Nothing is cut or lowered to make a request
+fit: it is refused with the reason. Choice ``i`` of a body is request
 ``<response id>-<i>``; with several prompts, choice ``p * n + j`` is sample ``j`` of
 prompt ``p`` (OpenAI's order).
 """
@@ -15,8 +17,14 @@ from dataclasses import dataclass
 
 from services.gateway.catalog import ChatTemplateError, ServedModel
 from services.gateway.config import GatewaySettings
-from services.gateway.errors import bad_request
-from services.gateway.schemas import ChatRequest, CompletionRequest, SamplingFields
+from services.gateway.errors import ApiError, bad_request
+from services.gateway.schemas import (
+    INT64_MAX,
+    INT64_MIN,
+    ChatRequest,
+    CompletionRequest,
+    SamplingFields,
+)
 from shared.schemas import GenerationRequest, RequestKind, SamplingParams
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
@@ -43,7 +51,57 @@ def _stops(body: SamplingFields, settings: GatewaySettings) -> list[str]:
         )
     if any(not stop for stop in stops):
         raise bad_request("stop strings must not be empty", "stop")
+    if any(len(stop) > settings.max_stop_chars for stop in stops):
+        raise bad_request(
+            f"stop strings may be at most {settings.max_stop_chars} characters long", "stop"
+        )
     return stops
+
+
+def _unsupported(param: str, what: str) -> ApiError:
+    return bad_request(
+        f"{param}: {what} is not supported by this server; leave it unset", param,
+        "unsupported_parameter",
+    )  # fmt: skip
+
+
+def _refuse_unapplied(body: SamplingFields) -> None:
+    """Fields a client may send but AEGIS would not apply: refused, not silently ignored."""
+    for param in ("presence_penalty", "frequency_penalty"):
+        if getattr(body, param):
+            raise _unsupported(param, "a non-zero penalty")
+    if body.logit_bias:
+        raise _unsupported("logit_bias", "a logit bias")
+
+
+def _refuse_completion_extras(body: CompletionRequest) -> None:
+    if body.logprobs is not None:
+        raise _unsupported("logprobs", "returning logprobs")
+    if body.echo:
+        raise _unsupported("echo", "echoing the prompt")
+    if body.suffix:
+        raise _unsupported("suffix", "a suffix")
+    if body.best_of is not None and body.best_of != (body.n or 1):
+        raise _unsupported("best_of", "best_of other than n")
+
+
+def check_model_name(name: str | None, model: ServedModel, settings: GatewaySettings) -> None:
+    """404 ``model_not_found`` for a name that is neither the served model nor an alias.
+
+    Only with ``strict_model_names``; otherwise any name is answered by the served model
+    (whose name every response carries in ``model``).
+    """
+    if name is None or not settings.strict_model_names:
+        return
+    if name in model.names() or name in settings.model_aliases:
+        return
+    raise ApiError(
+        404,
+        f"The model `{name}` does not exist on this server; it serves `{model.served_name}`",
+        "invalid_request_error",
+        "model",
+        "model_not_found",
+    )
 
 
 def _choices(body: SamplingFields, settings: GatewaySettings) -> int:
@@ -84,7 +142,8 @@ def _max_tokens(
 
 def _params(body: SamplingFields, max_tokens: int, stops: list[str], sample: int) -> SamplingParams:
     # Distinct seeds per sample: n>1 with one seed would return n identical choices.
-    seed = None if body.seed is None else body.seed + sample
+    # Wrapped so that the seed of every sample stays a signed 64-bit integer.
+    seed = None if body.seed is None else _wrap_int64(body.seed + sample)
     return SamplingParams(
         max_tokens=max_tokens,
         temperature=1.0 if body.temperature is None else body.temperature,
@@ -93,6 +152,10 @@ def _params(body: SamplingFields, max_tokens: int, stops: list[str], sample: int
         seed=seed,
         ignore_eos=body.ignore_eos,
     )
+
+
+def _wrap_int64(value: int) -> int:
+    return (value - INT64_MIN) % (INT64_MAX - INT64_MIN + 1) + INT64_MIN
 
 
 def _new_plan(prefix: str, model: ServedModel, body: SamplingFields) -> Plan:
@@ -141,6 +204,9 @@ def _check_size(chars: int, settings: GatewaySettings, param: str) -> None:
 
 def plan_completion(body: CompletionRequest, model: ServedModel, settings: GatewaySettings) -> Plan:
     """Requests for ``/v1/completions``; 400 ApiError on a bad body."""
+    check_model_name(body.model, model, settings)
+    _refuse_unapplied(body)
+    _refuse_completion_extras(body)
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
     if not prompts:
         raise bad_request("prompt must not be empty", "prompt")
@@ -176,6 +242,12 @@ def render_messages(body: ChatRequest, model: ServedModel) -> str:
 
 def plan_chat(body: ChatRequest, model: ServedModel, settings: GatewaySettings) -> Plan:
     """Requests for ``/v1/chat/completions``; 400 ApiError on a bad body."""
+    check_model_name(body.model, model, settings)
+    _refuse_unapplied(body)
+    if body.logprobs:
+        raise _unsupported("logprobs", "returning logprobs")
+    if body.top_logprobs:
+        raise _unsupported("top_logprobs", "returning logprobs")
     n, stops = _choices(body, settings), _stops(body, settings)
     _check_size(sum(len(m.text()) for m in body.messages), settings, "messages")
     prompt = render_messages(body, model)

@@ -1,4 +1,7 @@
-"""The checks behind ``GET /ready``: Redis, the database, a published model."""
+"""The checks behind ``GET /ready``: able to serve = Redis answers, a worker's heartbeat
+is live and its model is published. The database is reported beside them: records
+are buffered while it is down, and inference goes on, so it does not make the gateway
+unready."""
 
 from __future__ import annotations
 
@@ -11,6 +14,8 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from services.gateway.catalog import ModelCatalog
+from shared.keys import Keys
+from shared.replies import as_text
 
 log = logging.getLogger(__name__)
 
@@ -89,10 +94,36 @@ async def _model(catalog: ModelCatalog) -> Check:
     return Check(True, model.served_name)
 
 
+async def _workers(client: aioredis.Redis, keys: Keys) -> Check:
+    """A registered worker whose heartbeat key (with its TTL) is still there."""
+    try:
+        worker_ids = [as_text(w) for w in await client.hkeys(keys.workers)]
+        alive = (
+            await client.exists(*[keys.worker_alive(w) for w in worker_ids]) if worker_ids else 0
+        )
+    except Exception as exc:
+        return Check(False, f"could not read the workers: {exc}")
+    if not alive:
+        return Check(False, f"no live worker heartbeat ({len(worker_ids)} registered)")
+    return Check(True, f"{alive} of {len(worker_ids)} registered worker(s) alive")
+
+
+# Checks that must pass to serve; the others are reported only.
+REQUIRED = ("redis", "workers", "model")
+
+
 async def readiness(
-    client: aioredis.Redis, database: DatabaseCheck, catalog: ModelCatalog
+    client: aioredis.Redis, keys: Keys, database: DatabaseCheck, catalog: ModelCatalog
 ) -> dict[str, Check]:
-    """Every check, run concurrently."""
+    """Every check, run concurrently (those needing Redis only when it answers)."""
     redis_check, db_check = await asyncio.gather(_redis(client), _database(database))
-    model_check = await _model(catalog) if redis_check.ok else Check(False, "redis is down")
-    return {"redis": redis_check, "database": db_check, "model": model_check}
+    down = Check(False, "redis is down")
+    model_check, workers_check = (
+        await asyncio.gather(_model(catalog), _workers(client, keys))
+        if redis_check.ok
+        else (down, down)
+    )
+    return {
+        "redis": redis_check, "workers": workers_check, "model": model_check,
+        "database": db_check,
+    }  # fmt: skip

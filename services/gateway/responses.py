@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from typing import Any, Protocol
 
 from services.gateway.errors import ApiError, error_body
-from services.gateway.generation import Generator, failed
+from services.gateway.generation import Event, failed
 from services.gateway.planning import Plan
 from services.gateway.schemas import (
     AegisInfo,
@@ -176,19 +176,35 @@ class ChatChunks:
         return body
 
 
-async def event_stream(plan: Plan, generator: Generator, fmt: ChunkFormat) -> AsyncIterator[str]:
+Results = list[GenerationResult]
+
+
+async def replay(results: Results) -> AsyncGenerator[tuple[int, Event]]:
+    """Stored answers (an Idempotency-Key's first run) as the events of a stream."""
+    for index, result in enumerate(results):
+        yield index, result
+
+
+async def event_stream(
+    plan: Plan,
+    events: AsyncGenerator[tuple[int, Event]],
+    fmt: ChunkFormat,
+    on_complete: Callable[[Results], Awaitable[None]] | None = None,
+) -> AsyncIterator[str]:
     """The SSE body of a streamed request: chunks, usage if asked, then ``[DONE]``.
 
     An error once the stream has begun can't change the status: it is sent as an
     ``{"error": ...}`` event (which the OpenAI client raises), then ``[DONE]``. A client
-    that goes away cancels this generator, which closes the readers of the queue.
+    that goes away cancels this generator, which closes ``events`` (and so cancels the
+    work, see :meth:`Generator.stream`). ``on_complete`` gets every answer, in choice
+    order, once all are in.
     """
     sent = [0] * len(plan.requests)
-    results: list[GenerationResult] = []
+    results: dict[int, GenerationResult] = {}
     try:
         for chunk in fmt.opening(plan):
             yield sse(chunk)
-        async with aclosing(generator.stream(plan.requests)) as events:
+        async with aclosing(events):
             async for index, event in events:
                 if isinstance(event, TokenDelta):
                     sent[index] = event.offset + len(event.text)
@@ -197,11 +213,14 @@ async def event_stream(plan: Plan, generator: Generator, fmt: ChunkFormat) -> As
                     continue
                 if event.finish_reason == "error":
                     raise failed(event)
-                results.append(event)
+                results[index] = event
                 # Text the worker did not stream (if any) goes out with the finish reason.
                 yield sse(fmt.piece(plan, index, event.text[sent[index] :], event.finish_reason))
+        ordered = [results[index] for index in sorted(results)]
+        if on_complete is not None:
+            await on_complete(ordered)
         if plan.include_usage:
-            yield sse(fmt.usage(plan, usage(plan.prompt_tokens, results)))
+            yield sse(fmt.usage(plan, usage(plan.prompt_tokens, ordered)))
     except ApiError as exc:
         yield sse(exc.body())
     except Exception as exc:

@@ -10,6 +10,7 @@ from rq import Queue
 
 from services.gateway.catalog import ModelCatalog
 from services.gateway.config import GatewaySettings
+from services.gateway.draining import Shutdown
 from services.gateway.generation import Generator
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.readiness import DatabaseCheck
@@ -34,7 +35,9 @@ class GatewayState:
     metrics: GatewayMetrics
 
     @classmethod
-    def open(cls, settings: GatewaySettings, metrics: GatewayMetrics) -> GatewayState:
+    def open(
+        cls, settings: GatewaySettings, metrics: GatewayMetrics, shutdown: Shutdown
+    ) -> GatewayState:
         keys = Keys(settings.key_prefix)
         # Every waiting request holds a connection in a blocking XREAD: size the pool for a
         # full queue, and make a request beyond it wait for a connection, not fail.
@@ -51,13 +54,21 @@ class GatewayState:
             sync_client=sync_client,
             queue=queue,
             catalog=ModelCatalog(client, keys, settings.model_refresh_s),
-            generator=Generator(queue, metrics, settings.request_timeout_s, settings.retry_after_s),
+            generator=Generator(
+                queue,
+                metrics,
+                settings.request_timeout_s,
+                settings.retry_after_s,
+                shutdown,
+                settings.idempotency_ttl_s,
+            ),
             jobs=Queue(keys.rq_queue, connection=sync_client),
             database=DatabaseCheck(settings.resolved_database_url()),
             metrics=metrics,
         )
 
     async def close(self) -> None:
+        await self.generator.settle()
         await self.client.aclose(close_connection_pool=True)
         self.sync_client.close()
         self.database.close()

@@ -9,9 +9,10 @@ import sys
 import redis
 
 from services.worker.config import WorkerSettings
-from services.worker.engine import HFGenerateEngine
+from services.worker.core.engine import CoreConfig, EngineCore
 from services.worker.metrics import WorkerMetrics
-from services.worker.model import load_model, resolve_device, resolve_precision
+from services.worker.model import LoadedModel, load_model, resolve_device, resolve_precision
+from services.worker.oom import OomInjector
 from services.worker.service import Worker
 from shared.db.writer import RecordWriter
 from shared.logs import setup_logging
@@ -23,17 +24,13 @@ def main() -> int:
     settings = WorkerSettings()
     setup_logging(settings.log_level, settings.log_json, f"worker[{settings.worker_id}]")
     device = resolve_device(settings.device)
-    if settings.gpu_memory_fraction and device.startswith("cuda"):
-        import torch
-
-        torch.cuda.set_per_process_memory_fraction(settings.gpu_memory_fraction, device)
     loaded = load_model(
         settings.model,
         device,
         resolve_precision(settings.precision, device),
         allow_synthetic_fallback=settings.allow_synthetic_fallback,
     )
-    engine = HFGenerateEngine(loaded, inject_oom_above_tokens=settings.inject_oom_above_tokens)
+    core = build_core(loaded, settings)
     client = redis.Redis.from_url(settings.redis_url)
     # Given a URL, the writer opens the database itself and retries while it is down.
     writer = RecordWriter(
@@ -44,7 +41,7 @@ def main() -> int:
     metrics = WorkerMetrics(settings.worker_id)
     if settings.worker_metrics_port:
         metrics.serve(settings.worker_metrics_port, settings.worker_metrics_host)
-    worker = Worker(settings, client, writer, loaded, engine, metrics)
+    worker = Worker(settings, client, writer, loaded, core, metrics)
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: worker.stop())
     try:
@@ -52,6 +49,24 @@ def main() -> int:
     finally:
         writer.close()
     return 0
+
+
+def build_core(loaded: LoadedModel, settings: WorkerSettings) -> EngineCore:
+    """The engine core on the loaded model, configured from the worker's settings."""
+    config = CoreConfig(
+        block_size=settings.block_size,
+        max_num_seqs=settings.batch_size,
+        max_batched_tokens=settings.max_batched_tokens,
+        max_seq_len=settings.max_seq_len,
+        kv_budget_bytes=settings.kv_budget_bytes,
+        cuda_graphs=settings.cuda_graphs,
+        admission_timeout_s=settings.admission_timeout_s,
+        gpu_memory_fraction=settings.gpu_memory_fraction,
+    )
+    fault = None
+    if settings.inject_oom_above_tokens:
+        fault = OomInjector(max_tokens=settings.inject_oom_above_tokens)
+    return EngineCore(loaded, config, fault=fault)
 
 
 if __name__ == "__main__":

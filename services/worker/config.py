@@ -47,26 +47,36 @@ class WorkerSettings(CommonSettings):
     allow_synthetic_fallback: bool = True
     device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     precision: PrecisionChoice = "auto"
-    # Initial settings until the agent writes some.
-    batch_size: int = Field(default=16, ge=1, le=4096)
+    # Initial settings until the agent writes some. batch_size: max concurrent sequences.
+    batch_size: int = Field(default=64, ge=1, le=4096)
     max_seq_len: int = Field(default=0, ge=0)  # 0: the model's context length
-    # Cap on prompt+generated tokens of one batch, so long prompts run in smaller batches.
-    max_batch_tokens: int = Field(default=0, ge=0)  # 0: no cap beyond batch_size
+    # Tokens one engine step computes at most (prompt chunks + decodes).
+    max_batched_tokens: int = Field(default=4096, ge=16)
+    # Bytes of the paged KV pool (0: what the device can spare, see gpu_memory_fraction).
+    kv_budget_bytes: int = Field(default=0, ge=0)
+    block_size: int = Field(default=16, ge=1, le=1024)
+    cuda_graphs: bool = True
+    # A request that does not fit the current max_seq_len waits this long, then errors.
+    admission_timeout_s: float = Field(default=120.0, gt=0)
+    # On stop, how long running requests may take to finish before being handed back.
+    drain_timeout_s: float = Field(default=20.0, ge=0)
+    # Step statistics are summed into one cycle record per interval.
+    record_interval_s: float = Field(default=1.0, gt=0)
+    settings_poll_s: float = Field(default=0.05, ge=0)
     visibility_timeout_s: float = Field(default=30.0, gt=0)
     claim_refresh_s: float = Field(default=5.0, gt=0)
     max_deliveries: int = Field(default=5, ge=1)
     heartbeat_ttl_s: int = Field(default=15, ge=2)
-    # How many requests beyond one batch to hold, to pick batches of similar length.
-    lookahead_factor: float = Field(default=2.0, ge=1.0)
     poll_block_ms: int = Field(default=500, ge=1)
     events_maxlen: int = Field(default=10_000, ge=100)
     # Prometheus /metrics of this worker (0: not served). One port per worker on a host:
     # unset, the first free port from 9400 up; set, that port or a clear error if it is taken.
     worker_metrics_port: int = Field(default=DEFAULT_METRICS_PORT, ge=0, le=65535)
     worker_metrics_host: str = "127.0.0.1"
-    # Testing and benchmark hooks: a fraction of GPU memory this process may use, and an
-    # injected OOM for batches over this many tokens (0 = off) to exercise the guard on CPU.
-    gpu_memory_fraction: float = Field(default=0.0, ge=0.0, le=1.0)
+    # The share of the GPU this process may use (weights + activations + KV pool).
+    gpu_memory_fraction: float = Field(default=0.9, gt=0.0, le=1.0)
+    # Testing hook: an injected OOM for steps over this many tokens (0 = off), to
+    # exercise the recovery on a CPU.
     inject_oom_above_tokens: int = Field(default=0, ge=0)
 
     @model_validator(mode="after")

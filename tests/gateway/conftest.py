@@ -83,7 +83,8 @@ def start_gateway(
     running: list[tuple[_ServerThread, httpx.Client]] = []
 
     def start(**overrides: object) -> RunningGateway:
-        settings = gateway_settings.model_copy(update=overrides)
+        # Validated (not model_copy): comma lists are split, bad values refused.
+        settings = GatewaySettings.model_validate(gateway_settings.model_dump() | overrides)
         server = _ServerThread(settings).__enter__()
         url = f"http://{settings.gateway_host}:{settings.gateway_port}"
         http = httpx.Client(base_url=url, timeout=10)

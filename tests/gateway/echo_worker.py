@@ -5,6 +5,8 @@ It publishes a :class:`ModelInfo` with a real byte-level tokenizer (one token pe
 request with its prompt reversed, cut to ``max_tokens`` characters (ASCII: one token
 each) and at the first stop string. Streaming requests get deltas of three characters.
 Prompts containing ``FAIL`` get an error result; ``SLOW`` makes deltas 50 ms apart.
+Like a real worker it registers in ``Keys.workers`` with a heartbeat key (TTL), stops
+streaming a request whose cancel key is set, and rides out a Redis restart.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 
 from shared.keys import Keys
 from shared.queue import Delivery, WorkerQueue
-from shared.schemas import GenerationResult, ModelInfo, TokenDelta, dump, now
+from shared.schemas import GenerationResult, ModelInfo, TokenDelta, WorkerInfo, dump, now
 
 CHAT_TEMPLATE = (
     "{% if messages[0]['role'] == 'assistant' %}"
@@ -26,6 +28,7 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
 WORKER_ID = "echo-1"
+HEARTBEAT_TTL_S = 5
 
 
 def byte_tokenizer() -> Tokenizer:
@@ -81,26 +84,42 @@ class EchoWorker:
         self.queue = WorkerQueue(self.client, keys, WORKER_ID)
         self.info = info or model_info()
         self.answered = 0
+        self.cancelled: list[str] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="echo-worker", daemon=True)
 
     def publish_model(self) -> None:
         self.client.set(self.keys.model_info, dump(self.info))
 
+    def register(self) -> None:
+        """Announce this worker and beat its heartbeat (what /ready looks for)."""
+        info = WorkerInfo(
+            worker_id=WORKER_ID, host="test", pid=0, device="cpu", model=self.info.name,
+            synthetic=self.info.synthetic,
+        )  # fmt: skip
+        self.client.hset(self.keys.workers, WORKER_ID, dump(info))
+        self.client.set(self.keys.worker_alive(WORKER_ID), "1", ex=HEARTBEAT_TTL_S)
+
     def start(self) -> EchoWorker:
         self.publish_model()
+        self.register()
         self._thread.start()
         return self
 
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
+        self.client.delete(self.keys.worker_alive(WORKER_ID))
         self.client.close()
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            for delivery in self.queue.pull(8, block_ms=50):
-                self._answer(delivery)
+            try:
+                self.register()
+                for delivery in self.queue.pull(8, block_ms=50):
+                    self._answer(delivery)
+            except (redis.ConnectionError, redis.TimeoutError):
+                self._stop.wait(0.1)  # Redis restarting: the requests wait in its AOF
 
     def _answer(self, delivery: Delivery) -> None:
         request, started = delivery.request, now()
@@ -113,6 +132,10 @@ class EchoWorker:
             for offset in range(0, len(text), 3):
                 if "SLOW" in request.prompt:
                     time.sleep(0.05)
+                if self.queue.cancelled([request.id]):
+                    self.cancelled.append(request.id)
+                    text, finish = text[:offset], "stop"
+                    break
                 delta = TokenDelta(
                     request_id=request.id, offset=offset, text=text[offset : offset + 3]
                 )

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.gateway.conftest import RunningGateway
-from tests.gateway.echo_worker import WORKER_ID, echo_answer, render_chat
+from tests.gateway.conftest import GatewayFactory, RunningGateway
+from tests.gateway.echo_worker import WORKER_ID, EchoWorker, echo_answer, render_chat
 
 
 def test_completion_returns_the_worker_answer_with_usage(gateway: RunningGateway) -> None:
@@ -146,3 +146,30 @@ def test_models_lists_the_served_model(gateway: RunningGateway) -> None:
     card = models.data[0]
     assert card.owned_by == "aegis"
     assert (card.model_extra or {})["synthetic"] is True
+    assert (card.model_extra or {})["context_length"] == 256
+
+
+def test_models_retrieve_by_id_or_alias(gateway: RunningGateway) -> None:
+    import openai
+
+    client = gateway.openai()
+    for name in ("synthetic:tiny", "tiny"):
+        model = client.models.retrieve(name)
+        assert model.id == "synthetic:tiny"
+        assert (model.model_extra or {})["context_length"] == 256
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.models.retrieve("gpt-4")
+    assert missing.value.code == "model_not_found"
+
+
+def test_strict_names_refuse_an_unknown_model(
+    start_gateway: GatewayFactory, echo: EchoWorker
+) -> None:
+    import openai
+
+    client = start_gateway(strict_model_names=True, model_aliases="gpt-3.5-turbo").openai()
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.completions.create(model="llama", prompt="a", max_tokens=1)
+    for name in ("synthetic:tiny", "tiny", "gpt-3.5-turbo"):
+        reply = client.completions.create(model=name, prompt="ab", max_tokens=2)
+        assert (reply.model, reply.choices[0].text) == ("synthetic:tiny", "ba")

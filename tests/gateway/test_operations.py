@@ -6,13 +6,16 @@ import json
 import logging
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
 import pytest
+import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from shared.keys import Keys
+from shared.queue import WorkerQueue
 from tests.conftest import POSTGRES_URL
 from tests.gateway.conftest import GatewayFactory, RunningGateway, free_port
 from tests.gateway.echo_worker import EchoWorker, model_info
@@ -35,32 +38,43 @@ def test_health_answers_while_the_process_lives(start_gateway: GatewayFactory) -
     assert (response.status_code, response.json()) == (200, {"status": "ok"})
 
 
-def test_ready_needs_redis_database_and_model(
-    start_gateway: GatewayFactory, redis_url: str, keys: Keys
+def test_ready_needs_redis_a_live_worker_and_its_model(
+    start_gateway: GatewayFactory, redis_url: str, keys: Keys, redis_client
 ) -> None:
     gateway = start_gateway()
     waiting = gateway.http.get("/ready")
     assert waiting.status_code == 503
-    assert waiting.json()["failed"] == ["model"]
+    assert waiting.json()["failed"] == ["workers", "model"]
     assert "no worker has loaded a model yet" in waiting.json()["checks"]["model"]["detail"]
     assert waiting.json()["checks"]["database"]["ok"] is True  # embedded SQLite
-    EchoWorker(redis_url, keys).publish_model()
+    worker = EchoWorker(redis_url, keys)
+    # A model key left by an earlier run, but no worker alive: not able to serve.
+    worker.publish_model()
+    stale = gateway.http.get("/ready")
+    assert (stale.status_code, stale.json()["failed"]) == (503, ["workers"])
+    assert "no live worker heartbeat" in stale.json()["checks"]["workers"]["detail"]
+    worker.register()
     ready = gateway.http.get("/ready")
     assert ready.status_code == 200, ready.text
     assert ready.json()["status"] == "ready"
     assert ready.json()["checks"]["model"]["detail"] == "synthetic:tiny"
+    # The heartbeat key expires (or is deleted) when the worker dies.
+    redis_client.delete(keys.worker_alive("echo-1"))
+    assert gateway.http.get("/ready").json()["failed"] == ["workers"]
 
 
-def test_ready_reports_a_database_that_does_not_answer(
+def test_a_database_outage_is_reported_but_does_not_make_the_gateway_unready(
     start_gateway: GatewayFactory, echo: EchoWorker
 ) -> None:
     down = start_gateway(database_url="postgresql://postgres@127.0.0.1:1/none")
     response = down.http.get("/ready")
-    assert response.status_code == 503
-    assert response.json()["failed"] == ["database"]
-    assert response.json()["checks"]["redis"]["ok"] is True
+    assert response.status_code == 200, response.text
+    assert response.json()["failed"] == []
+    assert response.json()["degraded"] == ["database"]
+    assert response.json()["checks"]["database"]["ok"] is False
     up = start_gateway(gateway_port=free_port(), database_url=POSTGRES_URL)
-    assert up.http.get("/ready").status_code == 200
+    ready = up.http.get("/ready").json()
+    assert (ready["degraded"], ready["checks"]["database"]["ok"]) == ([], True)
 
 
 def test_metrics_count_requests_tokens_and_timings(
@@ -140,3 +154,52 @@ def test_the_gateway_never_imports_torch_or_transformers() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def test_a_dead_letter_reaches_its_client_the_api_and_the_metrics(
+    start_gateway: GatewayFactory, redis_url: str, keys: Keys
+) -> None:
+    EchoWorker(redis_url, keys).publish_model()
+    gateway = start_gateway(api_keys="k")
+    auth = {"Authorization": "Bearer k"}
+    client = redis.Redis.from_url(redis_url)
+    queue = WorkerQueue(client, keys, "poisoned")
+
+    def give_up() -> None:  # what a worker does after the last failed delivery
+        deliveries: list = []
+        while not deliveries:
+            deliveries = queue.pull(1, block_ms=100)
+        deliveries[0].deliveries = 5
+        queue.dead_letter(deliveries[0], "ValueError: Overflow when unpacking long long", "m", "w1")
+
+    thread = threading.Thread(target=give_up)
+    thread.start()
+    answer = gateway.http.post("/v1/completions", json={"prompt": "poison"}, headers=auth)
+    thread.join(timeout=5)
+    client.close()
+    assert answer.status_code == 500
+    message = answer.json()["error"]["message"]
+    assert "failed 5 deliveries" in message and "Overflow" in message
+    assert gateway.http.get("/v1/dead_letters").status_code == 401
+    listed = gateway.http.get("/v1/dead_letters", headers=auth).json()
+    assert listed["total"] == 1
+    letter = listed["data"][0]
+    assert (letter["prompt_preview"], letter["deliveries"], letter["worker_id"]) == (
+        "poison", 5, "w1",
+    )  # fmt: skip
+    assert _samples(gateway)[("aegis_dead_letters", ())] == 1
+
+
+def test_the_openapi_document_declares_the_errors_it_answers(gateway: RunningGateway) -> None:
+    document = gateway.http.get("/openapi.json").json()
+    text = json.dumps(document)
+    assert '"422"' not in text and "HTTPValidationError" not in text
+    completions = document["paths"]["/v1/completions"]["post"]
+    assert {"200", "400", "401", "404", "413", "429", "500", "503", "504"} <= set(
+        completions["responses"]
+    )
+    assert "text/event-stream" in completions["responses"]["200"]["content"]
+    headers = [p["name"] for p in completions["parameters"] if p["in"] == "header"]
+    assert headers == ["Idempotency-Key"]
+    assert "/v1/models/{model_id}" in document["paths"]
+    assert "/v1/dead_letters" in document["paths"]

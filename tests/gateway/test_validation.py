@@ -30,6 +30,32 @@ COMPLETION_CASES: list[tuple[str, Any, str, str | None]] = [
     ("five stops", {"prompt": "a", "stop": ["1", "2", "3", "4", "5"]}, "at most 4", "stop"),
     ("empty stop", {"prompt": "a", "stop": [""]}, "must not be empty", "stop"),
     ("body not an object", [1, 2], "request body", None),
+    ("seed over int64", {"prompt": "a", "seed": 2**64}, "seed", "seed"),
+    ("seed just over int64", {"prompt": "a", "seed": 2**63}, "seed", "seed"),
+    ("seed under int64", {"prompt": "a", "seed": -(2**63) - 1}, "seed", "seed"),
+    ("max_tokens over int32", {"prompt": "a", "max_tokens": 2**40}, "max_tokens", "max_tokens"),
+    ("n over 128", {"prompt": "a", "n": 1000}, "n", "n"),
+    ("long stop", {"prompt": "a", "stop": "s" * 300}, "at most 256 characters", "stop"),
+    ("logprobs range", {"prompt": "a", "logprobs": 6}, "logprobs", "logprobs"),
+    ("logprobs asked", {"prompt": "a", "logprobs": 1}, "not supported", "logprobs"),
+    ("echo asked", {"prompt": "a", "echo": True}, "not supported", "echo"),
+    ("suffix asked", {"prompt": "a", "suffix": "z"}, "not supported", "suffix"),
+    ("best_of over n", {"prompt": "a", "best_of": 3}, "not supported", "best_of"),
+    (
+        "penalty range",
+        {"prompt": "a", "presence_penalty": 3},
+        "presence_penalty",
+        "presence_penalty",
+    ),
+    (
+        "penalty asked",
+        {"prompt": "a", "frequency_penalty": 0.5},
+        "not supported",
+        "frequency_penalty",
+    ),
+    ("logit_bias range", {"prompt": "a", "logit_bias": {"5": 101}}, "logit_bias", "logit_bias"),
+    ("logit_bias asked", {"prompt": "a", "logit_bias": {"5": 1}}, "not supported", "logit_bias"),
+    ("user too long", {"prompt": "a", "user": "u" * 300}, "user", "user"),
     ("prompt too long", {"prompt": "y" * 3000}, "prompt is too long: 3000 characters", "prompt"),
     (
         "context exceeded",
@@ -66,6 +92,18 @@ CHAT_CASES: list[tuple[str, Any, str, str | None]] = [
         {"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 0},
         "max_completion_tokens",
         "max_completion_tokens",
+    ),
+    (
+        "logprobs asked",
+        {"messages": [{"role": "user", "content": "x"}], "logprobs": True},
+        "not supported",
+        "logprobs",
+    ),
+    (
+        "top_logprobs range",
+        {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 21},
+        "top_logprobs",
+        "top_logprobs",
     ),
     (
         "chat context",
@@ -135,7 +173,7 @@ def test_redis_down_is_503_not_500(start_gateway: GatewayFactory) -> None:
     assert "Redis" in response.json()["error"]["message"]
     ready = gateway.http.get("/ready")
     assert ready.status_code == 503
-    assert set(ready.json()["failed"]) == {"redis", "model"}
+    assert set(ready.json()["failed"]) == {"redis", "workers", "model"}
     assert gateway.http.get("/health").status_code == 200
 
 
@@ -163,7 +201,8 @@ def test_full_queue_is_refused_with_429_and_retry_after(
     refused = gateway.http.post("/v1/completions", json={"prompt": "a"})
     assert refused.status_code == 429
     assert refused.headers["retry-after"] == "3"
-    assert "queue is full (2 waiting, bound 2)" in refused.json()["error"]["message"]
+    message = refused.json()["error"]["message"]
+    assert "queue is full (2 waiting or running, bound 2, this body needs 1)" in message
     with pytest.raises(openai.RateLimitError):
         gateway.openai().chat.completions.create(
             model="m", messages=[{"role": "user", "content": "a"}]
@@ -189,3 +228,51 @@ def test_no_model_published_is_503_then_served_once_published(
         assert (reply.model, reply.choices[0].text) == ("tiny-real", "cba")
     finally:
         worker.stop()
+
+
+# Valid JSON escapes that are not text: each must be a 400 naming the field, not a 500.
+SURROGATES = [
+    ("/v1/completions", '{"prompt": "\\ud800"}', "prompt"),
+    ("/v1/completions", '{"prompt": ["ok", "a\\udfffb"]}', "prompt"),
+    ("/v1/completions", '{"prompt": "a", "stop": ["\\ud800"]}', "stop"),
+    ("/v1/completions", '{"prompt": "a", "stop": "\\ud800"}', "stop"),
+    ("/v1/completions", '{"prompt": "a", "logit_bias": {"\\ud800": "x"}}', "logit_bias"),
+    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "\\ud800"}]}', "messages"),
+    (
+        "/v1/chat/completions",
+        '{"messages": [{"role": "user", "content": [{"type": "text", "text": "\\udbff"}]}]}',
+        "messages",
+    ),
+    ("/v1/jobs", '{"requests": [{"prompt": "\\ud800"}]}', "requests"),
+]
+
+
+@pytest.mark.parametrize(("path", "raw", "param"), SURROGATES)
+def test_lone_surrogates_get_400_not_500(
+    strict_gateway: RunningGateway, path: str, raw: str, param: str
+) -> None:
+    response = strict_gateway.http.post(
+        path, content=raw.encode(), headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == param
+    assert "surrogate" in error["message"] or "valid" in error["message"]
+    # The connection stays usable (a 500 used to reset it).
+    assert strict_gateway.http.get("/health").status_code == 200
+
+
+def test_the_largest_seed_is_accepted_for_every_sample(strict_gateway: RunningGateway) -> None:
+    body = {"prompt": "abc", "max_tokens": 3, "seed": 2**63 - 1, "n": 3}
+    response = strict_gateway.http.post("/v1/completions", json=body)
+    assert response.status_code == 200, response.text
+    assert [c["text"] for c in response.json()["choices"]] == ["cba"] * 3
+
+
+def test_nan_is_not_a_temperature(strict_gateway: RunningGateway) -> None:
+    response = strict_gateway.http.post(
+        "/v1/completions",
+        content=b'{"prompt": "a", "temperature": NaN}',
+        headers={"content-type": "application/json"},
+    )
+    _assert_openai_error(response, 400, "temperature", "temperature")

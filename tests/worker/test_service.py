@@ -1,14 +1,17 @@
-"""The worker loop in-process against a real Redis: settings applied at the batch boundary."""
+"""The worker around the engine core, in-process against a real Redis: settings applied
+between steps, publish-once answers, OOM recovery, admission by max_seq_len,
+cancellation and dead letters."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import redis
 
+from services.worker.__main__ import build_core
 from services.worker.config import WorkerSettings
-from services.worker.engine import HFGenerateEngine
 from services.worker.service import Worker
 from shared.control import ControlStore
 from shared.db import RecordWriter, open_records
@@ -16,119 +19,206 @@ from shared.keys import Keys
 from shared.queue import WorkerQueue
 from shared.schemas import ControlSettings, GenerationRequest, SamplingParams
 
+MAX_ITERATIONS = 2000
+
 
 @pytest.fixture
-def worker(tiny, redis_client: redis.Redis, keys: Keys, aegis_env, tmp_path: Path):
-    settings = WorkerSettings(worker_id="w-unit", model="synthetic:tiny", device="cpu",
-                              batch_size=4, poll_block_ms=50)  # fmt: skip
-    url = f"sqlite:///{tmp_path / 'r.db'}"
-    writer = RecordWriter(url, flush_interval_s=0.05)
-    tiny.model.float()  # a module-scoped model: start every test at fp32
-    tiny.precision = "fp32"
-    yield Worker(settings, redis_client, writer, tiny, HFGenerateEngine(tiny)), url
-    writer.close()
+def make_worker(tiny, redis_client: redis.Redis, aegis_env, tmp_path: Path):
+    writers: list[RecordWriter] = []
+
+    def make(worker_id: str = "w-unit", **overrides: object) -> tuple[Worker, str]:
+        tiny.model.float()  # a module-scoped model: start every test at fp32
+        tiny.precision = "fp32"
+        fields = {"worker_id": worker_id, "model": "synthetic:tiny", "device": "cpu",
+                  "batch_size": 4, "poll_block_ms": 20, "record_interval_s": 1e-6,
+                  "settings_poll_s": 0, "kv_budget_bytes": 1 << 20, **overrides}  # fmt: skip
+        settings = WorkerSettings(**fields)  # type: ignore[arg-type]
+        url = f"sqlite:///{tmp_path / f'{worker_id}.db'}"
+        writer = RecordWriter(url, flush_interval_s=0.05)
+        writers.append(writer)
+        return Worker(settings, redis_client, writer, tiny, build_core(tiny, settings)), url
+
+    yield make
+    for writer in writers:
+        writer.close()
 
 
-def _submit(redis_client: redis.Redis, keys: Keys, count: int) -> list[str]:
+def _submit(redis_client: redis.Redis, keys: Keys, count: int, **params: object) -> list[str]:
     queue = WorkerQueue(redis_client, keys, "submitter")
     ids = [f"q{i}" for i in range(count)]
+    params = {"max_tokens": 3, "temperature": 0, "ignore_eos": True, **params}
     for request_id in ids:
         queue.submit(
             GenerationRequest(
-                id=request_id,
-                prompt="x",
-                prompt_token_ids=[7, 8, 9],
-                params=SamplingParams(max_tokens=3, temperature=0),
+                id=request_id, prompt="x", prompt_token_ids=[1, 7, 8, 9],
+                params=SamplingParams(**params),  # type: ignore[arg-type]
             )
-        )
+        )  # fmt: skip
     return ids
 
 
-def test_new_settings_apply_at_the_next_batch(worker, redis_client, keys) -> None:
-    loop, url = worker
+def run_until(worker: Worker, done: Callable[[], bool]) -> None:
+    for _ in range(MAX_ITERATIONS):
+        if done():
+            return
+        worker.loop.iterate()
+    raise AssertionError("condition not reached")
+
+
+def answered(redis_client: redis.Redis, keys: Keys, ids: list[str]) -> Callable[[], bool]:
+    return lambda: all(redis_client.exists(keys.done(i)) for i in ids)
+
+
+def test_requests_join_a_running_batch_and_are_answered_once(make_worker, redis_client, keys):
+    worker, url = make_worker()
+    worker.announce()
+    first = _submit(redis_client, keys, 3, max_tokens=20)
+    worker.loop.iterate()
+    assert worker.core.stats().running == 3
+    queue = WorkerQueue(redis_client, keys, "later")
+    late = SamplingParams(max_tokens=2, ignore_eos=True)
+    queue.submit(GenerationRequest(id="late", prompt="x", prompt_token_ids=[1, 5], params=late))
+    run_until(worker, answered(redis_client, keys, ["late"]))
+    assert not all(redis_client.exists(keys.done(i)) for i in first)  # it overtook them
+    run_until(worker, answered(redis_client, keys, first))
+    results = [queue.wait_result(i, timeout_s=1) for i in [*first, "late"]]
+    assert [r.completion_tokens for r in results if r] == [20, 20, 20, 2]
+    assert queue.depth() == 0 and redis_client.xpending(keys.requests, "workers")["pending"] == 0
+    worker.writer.flush()
+    records = open_records(url)
+    assert len(records.fetch("requests")) == 4
+    cycles = records.fetch("cycles")
+    assert sum(c["tokens_generated"] for c in cycles) == 62
+    assert max(c["batch_size"] for c in cycles) >= 3 and cycles[-1]["kv_blocks_used"] == 0
+
+
+def test_new_settings_apply_between_steps(make_worker, redis_client, keys) -> None:
+    worker, url = make_worker()
     control = ControlStore(redis_client, keys)
-    _submit(redis_client, keys, 12)
-    loop.announce()
-    assert loop.step()
+    ids = _submit(redis_client, keys, 6, max_tokens=30)
+    worker.loop.iterate()
     first = control.read("w-unit")
-    assert first is not None and first.batch_size == 4
-    control.write(
-        "w-unit", first.model_copy(update={"batch_size": 8, "precision": "bf16", "reason": "test"})
-    )
-    assert loop.step()
-    loop.writer.flush()
+    assert first is not None and first.batch_size == 4 and worker.core.stats().running == 4
+    control.write("w-unit", first.model_copy(
+        update={"batch_size": 6, "precision": "bf16", "max_batched_tokens": 64, "reason": "test"}
+    ))  # fmt: skip
+    worker.loop.iterate()
+    assert worker.core.precision == "bf16" and worker.core.limits.max_num_seqs == 6
+    assert worker.core.limits.max_batched_tokens == 64
+    run_until(worker, answered(redis_client, keys, ids))
+    worker.writer.flush()
     cycles = open_records(url).fetch("cycles")
-    assert [(c["batch_size"], c["settings_version"], c["precision"]) for c in cycles] == [
-        (4, 1, "fp32"),
-        (8, 2, "bf16"),
-    ]
-    assert cycles[0]["precision_saved_bytes"] is None
-    assert cycles[1]["precision_saved_bytes"] > 0  # fp32 -> bf16 halves the weights
-    metric = loop.metrics.registry.get_sample_value
+    assert {c["settings_version"] for c in cycles} == {1, 2}
+    assert cycles[-1]["precision"] == "bf16" and cycles[-1]["max_batched_tokens"] == 64
+    assert any((c["precision_saved_bytes"] or 0) > 0 for c in cycles)  # fp32 -> bf16
+    metric = worker.metrics.registry.get_sample_value
     labels = {"worker": "w-unit"}
-    assert metric("aegis_worker_cycles_total", labels) == 2
-    assert metric("aegis_worker_batch_size_setting", labels) == 8
     assert metric("aegis_worker_settings_version", labels) == 2
     assert metric("aegis_worker_precision", {**labels, "aegis_worker_precision": "bf16"}) == 1
-    assert metric("aegis_worker_requests_total", {**labels, "finish_reason": "length"}) == 12
-    assert metric("aegis_worker_tokens_generated_total", labels) == 36
+    assert metric("aegis_worker_requests_total", {**labels, "finish_reason": "length"}) == 6
+    assert metric("aegis_worker_generation_tokens_total", labels) == 180
 
 
-def test_an_unavailable_precision_is_refused_without_stopping(worker, redis_client, keys) -> None:
-    loop, url = worker
+def test_the_agents_max_seq_len_is_an_admission_limit(make_worker, redis_client, keys) -> None:
+    worker, _ = make_worker()
     control = ControlStore(redis_client, keys)
-    control.write("w-unit", ControlSettings(batch_size=2, precision="int8", reason="test"))
-    _submit(redis_client, keys, 2)
+    control.write("w-unit", ControlSettings(batch_size=4, max_seq_len=16, precision="fp32"))
+    [rid] = _submit(redis_client, keys, 1, max_tokens=20)  # 4 + 20 > 16: must wait
+    for _ in range(30):
+        worker.loop.iterate()
+    assert not redis_client.exists(keys.done(rid)) and worker.core.stats().waiting == 1
+    control.write("w-unit", ControlSettings(batch_size=4, max_seq_len=64, precision="fp32"))
+    run_until(worker, answered(redis_client, keys, [rid]))
+    result = WorkerQueue(redis_client, keys, "c").wait_result(rid, timeout_s=1)
+    assert result is not None and result.completion_tokens == 20 and result.prompt_tokens == 4
+    assert result.note is None
+
+
+def test_an_unavailable_precision_is_refused_without_stopping(make_worker, redis_client, keys):
+    worker, _ = make_worker()
+    ControlStore(redis_client, keys).write(
+        "w-unit", ControlSettings(batch_size=2, max_seq_len=512, precision="int8")
+    )
+    ids = _submit(redis_client, keys, 2)
     try:
         import torchao  # noqa: F401
 
         expected = "int8"
     except ImportError:
         expected = "fp32"
-    assert loop.step()
-    loop.writer.flush()
-    [cycle] = open_records(url).fetch("cycles")
-    assert cycle["precision"] == expected and cycle["batch_size"] == 2
+    run_until(worker, answered(redis_client, keys, ids))
+    assert worker.core.precision == expected and worker.core.limits.max_num_seqs == 2
 
 
-def test_a_redelivered_request_is_answered_once(worker, redis_client, keys) -> None:
-    loop, _ = worker
+def test_a_redelivered_request_is_answered_once(make_worker, redis_client, keys) -> None:
+    worker, _ = make_worker()
     [request_id] = _submit(redis_client, keys, 1)
-    assert loop.step()
+    run_until(worker, answered(redis_client, keys, [request_id]))
     queue = WorkerQueue(redis_client, keys, "checker")
     # The same request queued again (as after a crash between publish and ack).
     queue.submit(GenerationRequest(id=request_id, prompt="x", prompt_token_ids=[7, 8, 9]))
-    assert not loop.step()
-    assert queue.depth() == 0
-    events = redis_client.xlen(keys.result(request_id))
-    assert events == 1
+    for _ in range(5):
+        worker.loop.iterate()
+    assert queue.depth() == 0 and not worker.core.has_work
+    assert redis_client.xlen(keys.result(request_id)) == 1
 
 
-def test_an_oom_mid_batch_is_split_recorded_and_loses_nothing(
-    tiny, redis_client, keys, aegis_env, tmp_path: Path
-) -> None:
-    settings = WorkerSettings(worker_id="w-oom", model="synthetic:tiny", device="cpu",
-                              batch_size=8, poll_block_ms=50)  # fmt: skip
-    url = f"sqlite:///{tmp_path / 'oom.db'}"
-    writer = RecordWriter(url, flush_interval_s=0.05)
-    tiny.model.float()
-    tiny.precision = "fp32"
-    # Batches of more than 20 padded tokens "run out of memory": 8 rows of 3 + 3 do.
-    engine = HFGenerateEngine(tiny, inject_oom_above_tokens=20)
-    loop = Worker(settings, redis_client, writer, tiny, engine)
-    ids = _submit(redis_client, keys, 8)
-    assert loop.step()
-    writer.close()
+def test_an_oom_mid_step_is_recovered_recorded_and_loses_nothing(make_worker, redis_client, keys):
+    worker, url = make_worker("w-oom", batch_size=8, inject_oom_above_tokens=20)
+    ids = _submit(redis_client, keys, 8)  # 8 prompts of 4 tokens: the first step has 32
+    run_until(worker, answered(redis_client, keys, ids))
     queue = WorkerQueue(redis_client, keys, "checker")
     results = [queue.wait_result(request_id, timeout_s=1) for request_id in ids]
     assert all(r is not None and r.error is None and r.completion_tokens == 3 for r in results)
+    worker.writer.flush()
     records = open_records(url)
-    [cycle] = records.fetch("cycles")
     ooms = records.fetch("oom_events")
-    assert cycle["batch_size"] == 8 and cycle["oom_events"] == len(ooms) >= 1
-    assert all(o["recovered"] for o in ooms) and ooms[0]["batch_size"] == 8
-    assert loop.metrics.registry.get_sample_value(
+    assert len(ooms) >= 1 and all(o["recovered"] for o in ooms)
+    assert sum(c["oom_events"] for c in records.fetch("cycles")) == len(ooms)
+    assert worker.metrics.registry.get_sample_value(
         "aegis_worker_oom_events_total", {"worker": "w-oom"}) == len(ooms)  # fmt: skip
-    assert [e[1][b"kind"] for e in redis_client.xrange(keys.events_stream)].count(b"oom") == len(
-        ooms
-    )
+    kinds = [e[1][b"kind"] for e in redis_client.xrange(keys.events_stream)]
+    assert kinds.count(b"oom") == len(ooms)
+
+
+def test_a_cancelled_request_is_aborted_and_recorded(make_worker, redis_client, keys) -> None:
+    worker, url = make_worker()
+    ids = _submit(redis_client, keys, 2, max_tokens=200)
+    worker.loop.iterate()
+    redis_client.set(keys.cancel("q0"), "1", ex=60)
+    run_until(worker, answered(redis_client, keys, ["q0"]))
+    assert worker.core.stats().running == 1
+    result = WorkerQueue(redis_client, keys, "c").wait_result("q0", timeout_s=1)
+    assert result is not None and result.finish_reason == "cancelled"
+    assert result.completion_tokens < 200
+    run_until(worker, answered(redis_client, keys, ids))
+    worker.writer.flush()
+    reasons = {r["request_id"]: r["finish_reason"] for r in open_records(url).fetch("requests")}
+    assert reasons == {"q0": "cancelled", "q1": "length"}
+
+
+def test_a_request_delivered_too_often_is_dead_lettered(make_worker, redis_client, keys) -> None:
+    worker, _ = make_worker("w-dead", max_deliveries=1)
+    [rid] = _submit(redis_client, keys, 1)
+    # A worker that pulls and dies without acking: the entry is delivered once already.
+    dead = WorkerQueue(redis_client, keys, "dead-consumer", visibility_timeout_s=0.001)
+    assert [d.request.id for d in dead.pull(1, block_ms=10)] == [rid]
+    run_until(worker, answered(redis_client, keys, [rid]))
+    result = WorkerQueue(redis_client, keys, "c").wait_result(rid, timeout_s=1)
+    assert result is not None and result.finish_reason == "error" and "died" in str(result.error)
+    assert redis_client.xlen(keys.dead_letters) == 1
+    assert not worker.core.has_work
+
+
+def test_stop_hands_back_what_never_ran_and_finishes_the_rest(make_worker, redis_client, keys):
+    worker, _ = make_worker(batch_size=2, drain_timeout_s=30)
+    ids = _submit(redis_client, keys, 5, max_tokens=10)
+    worker.loop.iterate()  # two running, two waiting in the core, one left in the stream
+    assert worker.core.stats().running == 2 and worker.core.stats().waiting == 2
+    worker.stop()
+    worker.run()  # returns after draining
+    assert sum(bool(redis_client.exists(keys.done(i))) for i in ids) == 2
+    pending = redis_client.xpending(keys.requests, "workers")["pending"]
+    assert pending == 2  # handed back: immediately reclaimable by another worker
+    other, _ = make_worker("w-other", visibility_timeout_s=0.001)
+    run_until(other, answered(redis_client, keys, ids))

@@ -1,0 +1,333 @@
+"""The Llama-architecture forward pass over a paged KV cache (TinyLlama, Llama 2/3,
+Mistral without a sliding window, Qwen2), on the weights of the loaded HF model.
+
+Shapes: ``T`` tokens packed (no padding) through every linear layer; ``H`` query heads,
+``Hkv`` key/value heads, ``D`` head dim. The KV cache of one layer is
+``[num_blocks + 1, block_size, Hkv, D]`` (the last block is a scratch block that padding
+rows of a captured graph write to). Attention uses the query heads grouped per KV head
+(``enable_gqa``): the cached keys and values are never repeated in memory.
+
+Two attention layouts (:class:`DecodeAttention`, :class:`PrefillAttention`): one token
+per sequence (a decode step, the shape CUDA graphs capture), and chunks of prompts
+padded to the longest chunk inside attention only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
+
+
+def unsupported_reason(config: Any) -> str | None:
+    """Why the engine core can't run this model (None when it can)."""
+    model_type = getattr(config, "model_type", "?")
+    if model_type not in SUPPORTED_TYPES:
+        return f"model type {model_type!r} is not one of {', '.join(SUPPORTED_TYPES)}"
+    window = getattr(config, "sliding_window", None)
+    use_window = getattr(config, "use_sliding_window", model_type == "mistral")
+    if window and use_window and window < config.max_position_embeddings:
+        return f"sliding-window attention ({window} tokens) is not implemented"
+    if getattr(config, "hidden_act", "silu") != "silu":
+        return f"activation {config.hidden_act!r} is not silu"
+    return None
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    hidden: int
+    vocab: int
+    eps: float
+    max_positions: int
+
+    @classmethod
+    def of(cls, config: Any) -> ModelShape:
+        heads = config.num_attention_heads
+        return cls(
+            num_layers=config.num_hidden_layers,
+            num_heads=heads,
+            num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+            head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+            hidden=config.hidden_size,
+            vocab=config.vocab_size,
+            eps=config.rms_norm_eps,
+            max_positions=config.max_position_embeddings,
+        )
+
+    def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
+        element = torch.empty(0, dtype=dtype).element_size()
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * element
+
+
+def _plain(weight: torch.Tensor) -> bool:
+    """A dense tensor (not a quantized tensor subclass, which can't be concatenated)."""
+    return type(weight) in (torch.Tensor, nn.Parameter)
+
+
+class Projection:
+    """Several linear layers of one input as one matmul (fused) where the weights allow.
+
+    Fusing copies the weights once; the HF modules' weights then become views of the
+    fused tensor, so the model's memory is not held twice.
+    """
+
+    def __init__(self, linears: list[nn.Linear]) -> None:
+        self.parts = [(lin.weight, lin.bias) for lin in linears]
+        self.weight: torch.Tensor | None = None
+        self.bias: torch.Tensor | None = None
+        if all(_plain(w) for w, _ in self.parts):
+            self.weight = torch.cat([w.data for w, _ in self.parts])
+            if any(b is not None for _, b in self.parts):
+                self.bias = torch.cat([_bias_of(w, b) for w, b in self.parts])
+            self._share(linears)
+
+    def _share(self, linears: list[nn.Linear]) -> None:
+        assert self.weight is not None
+        offset = 0
+        for lin in linears:
+            rows = lin.weight.shape[0]
+            lin.weight.data = self.weight[offset : offset + rows]
+            if lin.bias is not None and self.bias is not None:
+                lin.bias.data = self.bias[offset : offset + rows]
+            offset += rows
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight is not None:
+            return F.linear(x, self.weight, self.bias)
+        return torch.cat([F.linear(x, w, b) for w, b in self.parts], dim=-1)
+
+
+def _bias_of(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    if bias is not None:
+        return bias.data
+    return torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
+
+
+@dataclass
+class LayerWeights:
+    input_norm: torch.Tensor
+    qkv: Projection
+    o: Projection
+    post_norm: torch.Tensor
+    gate_up: Projection
+    down: Projection
+
+
+@dataclass
+class LlamaWeights:
+    """The served model's weights, arranged for :func:`forward` (no copy beyond fusing)."""
+
+    shape: ModelShape
+    embed: torch.Tensor
+    layers: list[LayerWeights]
+    norm: torch.Tensor
+    lm_head: torch.Tensor
+    cos: torch.Tensor  # [max_positions, D]
+    sin: torch.Tensor
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.dtype
+
+    @classmethod
+    def from_model(cls, model: Any) -> LlamaWeights:
+        inner = model.model
+        shape = ModelShape.of(model.config)
+        layers = [_layer(layer) for layer in inner.layers]
+        cos, sin = _rope_table(inner.rotary_emb, shape.max_positions, inner.embed_tokens.weight)
+        return cls(
+            shape=shape,
+            embed=inner.embed_tokens.weight,
+            layers=layers,
+            norm=inner.norm.weight,
+            lm_head=model.lm_head.weight,
+            cos=cos,
+            sin=sin,
+        )
+
+
+def _layer(layer: Any) -> LayerWeights:
+    attn, mlp = layer.self_attn, layer.mlp
+    return LayerWeights(
+        input_norm=layer.input_layernorm.weight,
+        qkv=Projection([attn.q_proj, attn.k_proj, attn.v_proj]),
+        o=Projection([attn.o_proj]),
+        post_norm=layer.post_attention_layernorm.weight,
+        gate_up=Projection([mlp.gate_proj, mlp.up_proj]),
+        down=Projection([mlp.down_proj]),
+    )
+
+
+@torch.no_grad()
+def _rope_table(
+    rotary: nn.Module, positions: int, like: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of every position from the model's own rotary module (any rope scaling)."""
+    ids = torch.arange(positions, device=like.device).unsqueeze(0)
+    probe = torch.zeros(1, dtype=like.dtype, device=like.device)
+    cos, sin = rotary(probe, ids)
+    return cos[0].contiguous(), sin[0].contiguous()
+
+
+@dataclass
+class KVCache:
+    """Keys and values of every layer: ``[layers, num_blocks + 1, block_size, Hkv, D]``."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+
+    @classmethod
+    def allocate(
+        cls, shape: ModelShape, num_blocks: int, block_size: int, dtype: torch.dtype, device: Any
+    ) -> KVCache:
+        dims = (shape.num_layers, num_blocks + 1, block_size, shape.num_kv_heads, shape.head_dim)
+        return cls(
+            torch.zeros(dims, dtype=dtype, device=device),
+            torch.zeros(dims, dtype=dtype, device=device),
+        )
+
+    @property
+    def block_size(self) -> int:
+        return int(self.keys.shape[2])
+
+    @property
+    def scratch_block(self) -> int:
+        """The block padding rows write to (never handed out by the pool)."""
+        return int(self.keys.shape[1]) - 1
+
+    @property
+    def nbytes(self) -> int:
+        return self.keys.nbytes + self.values.nbytes
+
+
+class Attention(Protocol):
+    def __call__(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: tuple[torch.Tensor, ...]
+    ) -> torch.Tensor: ...
+
+
+def _gather(cache: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
+    """A layer's cached rows of each sequence: ``[B, Hkv, blocks * block_size, D]``."""
+    rows, blocks = tables.shape
+    picked = cache.index_select(0, tables.reshape(-1))  # [B * blocks, bs, Hkv, D]
+    return picked.view(rows, blocks * cache.shape[1], cache.shape[2], cache.shape[3]).transpose(
+        1, 2
+    )
+
+
+@dataclass
+class DecodeAttention:
+    """One query token per sequence. ``tables`` ``[B, blocks]``, ``mask`` ``[B, 1, 1, L]``.
+
+    The ``G = H / Hkv`` query heads that share a KV head are laid out as ``G`` query rows
+    of that head: one attention over ``Hkv`` heads, keys and values never repeated.
+    """
+
+    tables: torch.Tensor
+    mask: torch.Tensor
+
+    def __call__(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: tuple[torch.Tensor, ...]
+    ) -> torch.Tensor:
+        rows, heads, dim = q.shape
+        keys, values = _gather(cache[0], self.tables), _gather(cache[1], self.tables)
+        grouped = q.view(rows, keys.shape[1], heads // keys.shape[1], dim)
+        out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=self.mask)
+        return out.reshape(rows, heads, dim)
+
+
+@dataclass
+class PrefillAttention:
+    """Chunks of several sequences, padded to the longest chunk inside attention only.
+
+    ``pad_index`` ``[B, Lq]``: packed token of each padded query row (``T`` = a zero row);
+    ``valid`` ``[T]``: where each packed token sits in the flattened ``[B * Lq]`` rows.
+    ``fresh``: every chunk starts its sequence, so attention needs only the chunk's own
+    keys and values, causally (no cache read, no mask). Otherwise ``mask``
+    ``[B, 1, G * Lq, L]`` (causal from each chunk's start, repeated per query head of a
+    group) over the cached keys of ``tables``.
+    """
+
+    tables: torch.Tensor
+    pad_index: torch.Tensor
+    valid: torch.Tensor
+    mask: torch.Tensor | None
+    fresh: bool
+
+    def __call__(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: tuple[torch.Tensor, ...]
+    ) -> torch.Tensor:
+        rows, width = self.pad_index.shape
+        heads, dim = q.shape[1], q.shape[2]
+        pq = self._pad(q).transpose(1, 2)  # [B, H, Lq, D]
+        if self.fresh:
+            pk, pv = self._pad(k).transpose(1, 2), self._pad(v).transpose(1, 2)
+            out = F.scaled_dot_product_attention(pq, pk, pv, is_causal=True, enable_gqa=True)
+        else:
+            keys, values = _gather(cache[0], self.tables), _gather(cache[1], self.tables)
+            kv_heads = keys.shape[1]
+            grouped = pq.reshape(rows, kv_heads, heads // kv_heads * width, dim)
+            out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=self.mask)
+            out = out.reshape(rows, heads, width, dim)
+        return out.transpose(1, 2).reshape(rows * width, heads, dim)[self.valid]
+
+    def _pad(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x, x.new_zeros(1, *x.shape[1:])])[self.pad_index]  # [B, Lq, h, D]
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """As HF's LlamaRMSNorm: normalise in fp32, scale in the model's dtype."""
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def forward(
+    w: LlamaWeights,
+    cache: KVCache,
+    input_ids: torch.Tensor,
+    positions: torch.Tensor,
+    slots: torch.Tensor,
+    attend: Attention,
+    logit_rows: torch.Tensor | None,
+) -> torch.Tensor:
+    """Logits ``[S, vocab]`` of the packed tokens at ``logit_rows`` (all when None).
+
+    ``slots`` ``[T]``: the cache slot (block * block_size + offset) each token's keys and
+    values are written to before attention reads them.
+    """
+    s = w.shape
+    h = F.embedding(input_ids, w.embed)
+    cos, sin = w.cos[positions].unsqueeze(1), w.sin[positions].unsqueeze(1)
+    q_size, kv_size = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
+    for i, layer in enumerate(w.layers):
+        x = rms_norm(h, layer.input_norm, s.eps)
+        q, k, v = layer.qkv(x).split([q_size, kv_size, kv_size], dim=-1)
+        q = _rotate(q.view(-1, s.num_heads, s.head_dim), cos, sin)
+        k = _rotate(k.view(-1, s.num_kv_heads, s.head_dim), cos, sin)
+        v = v.view_as(k)
+        keys, values = cache.keys[i], cache.values[i]
+        keys.view(-1, s.num_kv_heads, s.head_dim).index_copy_(0, slots, k)
+        values.view(-1, s.num_kv_heads, s.head_dim).index_copy_(0, slots, v)
+        h = h + layer.o(attend(q, k, v, (keys, values)).reshape(-1, q_size))
+        x = rms_norm(h, layer.post_norm, s.eps)
+        gate, up = layer.gate_up(x).chunk(2, dim=-1)
+        h = h + layer.down(F.silu(gate) * up)
+    if logit_rows is not None:
+        h = h[logit_rows]
+    return F.linear(rms_norm(h, w.norm, s.eps), w.lm_head)

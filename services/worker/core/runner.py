@@ -1,0 +1,500 @@
+"""The model runner: weights, the KV cache tensors, memory profiling, and one step's
+forward pass (decodes through captured CUDA graphs, prompt chunks eagerly).
+
+Memory (on a GPU): the pool is sized from what is left once the weights are loaded and
+the activation peaks of the largest step were measured by a profiling pass: the free
+memory the driver reports (other processes' memory is counted there), less those peaks,
+less a safety margin, capped by the KV budget setting. On the CPU the budget setting (or
+a default) sizes the pool alone.
+
+CUDA graphs bake in pointers, so every decode input lives in a static buffer; a graph is
+captured per (batch bucket, context bucket) the first time one is needed, in one shared
+memory pool. Reallocating the cache (a new budget or precision) drops them all.
+"""
+
+from __future__ import annotations
+
+import bisect
+import gc
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from services.worker.core.llama import (
+    DecodeAttention,
+    KVCache,
+    LlamaWeights,
+    PrefillAttention,
+    forward,
+)
+from services.worker.core.sampling import SamplingBatch, sample
+from services.worker.core.scheduler import Chunk, StepPlan
+
+log = logging.getLogger(__name__)
+
+MIB = 1024 * 1024
+CPU_DEFAULT_KV_BYTES = 256 * MIB
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
+
+
+@dataclass(frozen=True)
+class RunnerConfig:
+    block_size: int = 16
+    kv_budget_bytes: int = 0  # 0: as much as memory allows
+    max_batched_tokens: int = 8192  # the largest step, for the profiling pass
+    max_num_seqs: int = 256
+    cuda_graphs: bool = True
+    max_graph_batch: int = 512
+    # Whole-process cap as a fraction of the card (0: none): weights + activations + KV.
+    gpu_memory_fraction: float = 0.0
+
+
+@dataclass
+class MemoryPlan:
+    """How the KV pool was sized (bytes); logged and reported in the stats."""
+
+    weights: int
+    activation_peak: int
+    free_after_profile: int
+    kv_bytes: int
+    num_blocks: int
+    seconds: float
+
+
+class _DecodeGraph:
+    """One captured decode step for ``batch`` rows over ``blocks`` blocks each."""
+
+    def __init__(self, graph: torch.cuda.CUDAGraph, logits: torch.Tensor) -> None:
+        self.graph = graph
+        self.logits = logits
+
+
+class ModelRunner:
+    """Runs steps of the engine core on one device."""
+
+    def __init__(self, weights: LlamaWeights, device: torch.device, config: RunnerConfig) -> None:
+        self.weights = weights
+        self.device = device
+        self.config = config
+        self.shape = weights.shape
+        self.block_size = config.block_size
+        self.max_blocks_per_seq = -(-self.shape.max_positions // self.block_size)
+        self.cache: KVCache | None = None
+        self.memory: MemoryPlan | None = None
+        self._graphs: dict[tuple[int, int], _DecodeGraph] = {}
+        self._graph_pool: Any = None  # a CUDA graph memory pool handle
+        self._static: dict[str, torch.Tensor] = {}
+
+    @property
+    def on_cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        return self.shape.kv_bytes_per_token(self.weights.dtype)
+
+    @property
+    def num_blocks(self) -> int:
+        return 0 if self.cache is None else self.cache.scratch_block
+
+    # -- memory ---------------------------------------------------------------------------
+
+    def allocate(self, kv_budget_bytes: int | None = None) -> MemoryPlan:
+        """(Re)size the KV cache: profile on a GPU, then allocate; returns the plan."""
+        started = time.perf_counter()
+        self.release_cache()
+        budget = self.config.kv_budget_bytes if kv_budget_bytes is None else kv_budget_bytes
+        weights = _weight_bytes(self.weights)
+        if self.on_cuda:
+            peak, free = self._profile()
+            kv_bytes = self._cuda_kv_bytes(weights, peak, free, budget)
+        else:
+            peak, free = 0, 0
+            kv_bytes = budget or CPU_DEFAULT_KV_BYTES
+        block_bytes = self.kv_bytes_per_token * self.block_size
+        num_blocks = max(1, kv_bytes // block_bytes)
+        self.cache = KVCache.allocate(
+            self.shape, num_blocks, self.block_size, self.weights.dtype, self.device
+        )
+        self._make_static_buffers()
+        self.memory = MemoryPlan(
+            weights, peak, free, num_blocks * block_bytes, num_blocks, time.perf_counter() - started
+        )
+        log.info(
+            "KV pool: %d blocks of %d tokens = %.0f MiB (%d tokens); weights %.0f MiB, "
+            "activation peak %.0f MiB",
+            num_blocks, self.block_size, self.memory.kv_bytes / MIB,
+            num_blocks * self.block_size, weights / MIB, peak / MIB,
+        )  # fmt: skip
+        return self.memory
+
+    def release_cache(self) -> None:
+        """Drop the cache and the graphs that point into it, and hand memory back."""
+        self._graphs.clear()
+        self._graph_pool = None
+        self._static.clear()
+        self.cache = None
+        gc.collect()
+        if self.on_cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+
+    def _cuda_kv_bytes(self, weights: int, peak: int, free: int, budget: int) -> int:
+        total = torch.cuda.get_device_properties(self.device).total_memory
+        available = free - peak
+        if self.config.gpu_memory_fraction > 0:
+            available = min(
+                available, int(total * self.config.gpu_memory_fraction) - weights - peak
+            )
+        if budget:
+            available = min(available, budget)
+        return max(available, self.kv_bytes_per_token * self.block_size)
+
+    def _profile(self) -> tuple[int, int]:
+        """(bytes to keep free for activations, free bytes after the profiling pass).
+
+        The largest prefill step and the largest decode step run once on a scratch cache;
+        their peaks are kept free: the prefill's twice (eager steps vary in shape), the
+        decode's four times (the graphs' private pool, its eager warm-up, the sampler's
+        fp32 logits), plus a margin of 4 % of the card (cuBLAS workspaces, fragmentation).
+        """
+        torch.cuda.synchronize(self.device)
+        tokens = min(self.config.max_batched_tokens, self.shape.max_positions)
+        rows = min(self.config.max_num_seqs, self.config.max_graph_batch)
+        blocks = max(-(-tokens // self.block_size), self.max_blocks_per_seq) + 1
+        self.cache = KVCache.allocate(
+            self.shape, blocks, self.block_size, self.weights.dtype, self.device
+        )
+        with torch.inference_mode():
+            prefill = self._peak_of(lambda: self._profile_prefill(tokens))
+            decode = self._peak_of(lambda: self._profile_decode(rows))
+        self.cache = None
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info(self.device)
+        keep = 2 * prefill + 4 * decode + int(0.04 * total)
+        log.info("profile: prefill of %d tokens peaks at %.0f MiB, decode of %d rows at %.0f MiB",
+                 tokens, prefill / MIB, rows, decode / MIB)  # fmt: skip
+        return keep, int(free)
+
+    def _peak_of(self, run: Callable[[], object]) -> int:
+        torch.cuda.synchronize(self.device)
+        base = torch.cuda.memory_allocated(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        run()
+        torch.cuda.synchronize(self.device)
+        return int(torch.cuda.max_memory_allocated(self.device) - base)
+
+    def _profile_prefill(self, tokens: int) -> None:
+        chunk = Chunk(_ProfileSeq(tokens, self.block_size), 0, tokens)  # type: ignore[arg-type]
+        self._prefill_logits([chunk])
+
+    def _profile_decode(self, rows: int) -> None:
+        assert self.cache is not None
+        table = torch.arange(self.max_blocks_per_seq, device=self.device)
+        tables = table.unsqueeze(0).expand(rows, -1).contiguous()
+        lens = torch.full((rows,), self.max_blocks_per_seq * self.block_size, device=self.device)
+        mask = _length_mask(lens, tables.shape[1] * self.block_size)
+        ids = torch.zeros(rows, dtype=torch.long, device=self.device)
+        slots = torch.zeros(rows, dtype=torch.long, device=self.device)
+        forward(self.weights, self.cache, ids, ids, slots, DecodeAttention(tables, mask), None)
+
+    # -- one step -------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def execute(
+        self, plan: StepPlan, sampling: Callable[[list[Chunk]], SamplingBatch]
+    ) -> list[int]:
+        """Run one step; the sampled token of every chunk that samples, in plan order."""
+        logits: list[torch.Tensor] = []
+        chosen: list[Chunk] = []
+        if plan.decodes:
+            rows = [i for i, c in enumerate(plan.decodes) if c.samples]
+            decoded = self._decode_logits(plan.decodes)
+            logits.append(decoded[rows] if len(rows) < len(plan.decodes) else decoded)
+            chosen += [plan.decodes[i] for i in rows]
+        if plan.prefills:
+            logits.append(self._prefill_logits(plan.prefills))
+            chosen += [c for c in plan.prefills if c.samples]
+        if not chosen:
+            return []
+        merged = logits[0] if len(logits) == 1 else torch.cat(logits)
+        return sample(merged, sampling(chosen)).tolist()
+
+    def _prefill_logits(self, chunks: list[Chunk]) -> torch.Tensor:
+        """Logits of the chunks that sample (their last token), in chunk order."""
+        assert self.cache is not None
+        inputs = _PrefillInputs.build(chunks, self.block_size, self.cache.scratch_block)
+        t = inputs.tensors(self.device, self.shape.num_heads // self.shape.num_kv_heads)
+        mask = t.get("mask")
+        attend = PrefillAttention(t["tables"], t["pad_index"], t["valid"], mask, mask is None)
+        return forward(
+            self.weights, self.cache, t["ids"], t["positions"], t["slots"], attend, t["last"]
+        )
+
+    def _decode_logits(self, chunks: list[Chunk]) -> torch.Tensor:
+        """Logits ``[len(chunks), vocab]`` of one token per sequence."""
+        blocks = _bucket_blocks(
+            max(len(c.seq.block_table) for c in chunks), self.max_blocks_per_seq
+        )
+        rows = len(chunks)
+        bucket = _bucket(rows, min(self.config.max_graph_batch, self.config.max_num_seqs))
+        if not (self.on_cuda and self.config.cuda_graphs) or bucket is None:
+            return self._decode_eager(chunks, blocks)
+        self._fill_static(chunks, bucket, blocks)
+        graph = self._graphs.get((bucket, blocks)) or self._capture(bucket, blocks)
+        graph.graph.replay()
+        return graph.logits[:rows]
+
+    def _decode_eager(self, chunks: list[Chunk], blocks: int) -> torch.Tensor:
+        assert self.cache is not None
+        host = _DecodeInputs.build(chunks, len(chunks), blocks, self.block_size, self.cache)
+        t = {k: v.to(self.device, non_blocking=True) for k, v in host.items()}
+        mask = _length_mask(t["lens"], blocks * self.block_size)
+        attend = DecodeAttention(t["tables"], mask)
+        return forward(self.weights, self.cache, t["ids"], t["positions"], t["slots"], attend, None)
+
+    # -- CUDA graphs ----------------------------------------------------------------------
+
+    def _make_static_buffers(self) -> None:
+        if not (self.on_cuda and self.config.cuda_graphs):
+            return
+        rows = min(self.config.max_graph_batch, max(BATCH_BUCKETS))
+        dev = self.device
+        self._static = {
+            "ids": torch.zeros(rows, dtype=torch.long, device=dev),
+            "positions": torch.zeros(rows, dtype=torch.long, device=dev),
+            "slots": torch.zeros(rows, dtype=torch.long, device=dev),
+            "tables": torch.zeros(rows, self.max_blocks_per_seq, dtype=torch.long, device=dev),
+            "lens": torch.ones(rows, dtype=torch.long, device=dev),
+            "logits": torch.zeros(rows, self.shape.vocab, dtype=self.weights.dtype, device=dev),
+        }
+
+    def _fill_static(self, chunks: list[Chunk], bucket: int, blocks: int) -> None:
+        assert self.cache is not None
+        host = _DecodeInputs.build(chunks, bucket, blocks, self.block_size, self.cache)
+        for name, values in host.items():
+            target = self._static[name]  # "logits" is written by the graph, not here
+            view = target[:bucket, :blocks] if name == "tables" else target[:bucket]
+            view.copy_(values, non_blocking=True)
+
+    def _capture(self, bucket: int, blocks: int) -> _DecodeGraph:
+        assert self.cache is not None
+        started = time.perf_counter()
+        s = self._static
+        tables = s["tables"][:bucket, :blocks]
+        cache, weights, size = self.cache, self.weights, blocks * self.block_size
+
+        def step() -> torch.Tensor:
+            attend = DecodeAttention(tables, _length_mask(s["lens"][:bucket], size))
+            logits = forward(
+                weights, cache, s["ids"][:bucket], s["positions"][:bucket],
+                s["slots"][:bucket], attend, None,
+            )  # fmt: skip
+            # Every graph writes one shared buffer: no graph keeps its own logits alive.
+            return s["logits"][:bucket].copy_(logits)
+
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            step()  # warm-up outside the graph (kernel selection, workspace allocation)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        if self._graph_pool is None:
+            self._graph_pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._graph_pool):
+            logits = step()
+        captured = _DecodeGraph(graph, logits)
+        self._graphs[(bucket, blocks)] = captured
+        log.info("captured decode graph batch %d x %d blocks in %.0f ms",
+                 bucket, blocks, 1000 * (time.perf_counter() - started))  # fmt: skip
+        return captured
+
+    def capture_all(self, max_rows: int, max_context: int) -> int:
+        """Capture every graph up to these sizes now (a warm-up, so serving never waits)."""
+        if not (self.on_cuda and self.config.cuda_graphs):
+            return 0
+        limit = min(max_rows, self.config.max_graph_batch)
+        top = _bucket_blocks(-(-max_context // self.block_size), self.max_blocks_per_seq)
+        count = 0
+        with torch.inference_mode():
+            for rows in sorted((b for b in BATCH_BUCKETS if b <= limit), reverse=True):
+                for blocks in _block_buckets(top):
+                    if (rows, blocks) not in self._graphs:
+                        self._capture(rows, blocks)
+                        count += 1
+        return count
+
+
+@dataclass
+class _ProfileSeq:
+    """A stand-in sequence for the profiling pass: ``tokens`` zeros in the first blocks."""
+
+    tokens: int
+    block_size: int
+
+    @property
+    def num_tokens(self) -> int:
+        return self.tokens
+
+    @property
+    def block_table(self) -> list[int]:
+        return list(range(-(-self.tokens // self.block_size)))
+
+    def token_ids(self, start: int, end: int) -> list[int]:
+        return [0] * (end - start)
+
+
+def _weight_bytes(weights: LlamaWeights) -> int:
+    tensors = [weights.embed, weights.lm_head, weights.norm]
+    for layer in weights.layers:
+        tensors += [layer.input_norm, layer.post_norm]
+        for proj in (layer.qkv, layer.o, layer.gate_up, layer.down):
+            tensors += [w for w, _ in proj.parts]
+    seen: set[int] = set()
+    total = 0
+    for t in tensors:
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total
+
+
+def _bucket(rows: int, limit: int) -> int | None:
+    """The smallest captured batch size that holds ``rows`` (None: run eagerly)."""
+    index = bisect.bisect_left(BATCH_BUCKETS, rows)
+    if index == len(BATCH_BUCKETS) or BATCH_BUCKETS[index] > max(limit, 1):
+        return None
+    return BATCH_BUCKETS[index]
+
+
+def _block_buckets(top: int) -> list[int]:
+    buckets, size = [], 4
+    while size < top:
+        buckets.append(size)
+        size *= 2
+    return [*buckets, top]
+
+
+def _bucket_blocks(blocks: int, most: int) -> int:
+    """Context buckets in blocks: powers of two from 4, capped at the model's context."""
+    size = 4
+    while size < blocks:
+        size *= 2
+    return min(size, most)
+
+
+def _length_mask(lens: torch.Tensor, width: int) -> torch.Tensor:
+    """``[B, 1, 1, width]``: key position < the sequence's length."""
+    positions = torch.arange(width, device=lens.device)
+    return (positions.unsqueeze(0) < lens.unsqueeze(1)).view(lens.shape[0], 1, 1, width)
+
+
+class _DecodeInputs:
+    """Host tensors of a decode step, padded to ``rows`` rows and ``blocks`` blocks."""
+
+    @staticmethod
+    def build(
+        chunks: list[Chunk], rows: int, blocks: int, block_size: int, cache: KVCache
+    ) -> dict[str, torch.Tensor]:
+        scratch = cache.scratch_block
+        pad = rows - len(chunks)
+        ids, positions, slots, lens, tables = [], [], [], [], []
+        for c in chunks:
+            pos = c.start
+            table = c.seq.block_table
+            ids.append(c.seq.token_ids(pos, pos + 1)[0])
+            positions.append(pos)
+            slots.append(table[pos // block_size] * block_size + pos % block_size)
+            lens.append(pos + 1)
+            tables.append(table + [scratch] * (blocks - len(table)))
+        ids += [0] * pad
+        positions += [0] * pad
+        slots += [scratch * block_size] * pad
+        lens += [1] * pad
+        tables += [[scratch] * blocks] * pad
+        return {
+            "ids": torch.tensor(ids, dtype=torch.long),
+            "positions": torch.tensor(positions, dtype=torch.long),
+            "slots": torch.tensor(slots, dtype=torch.long),
+            "lens": torch.tensor(lens, dtype=torch.long),
+            "tables": torch.tensor(tables, dtype=torch.long),
+        }
+
+
+@dataclass
+class _PrefillInputs:
+    """Host lists of a prefill step: packed tokens and the padded attention layout."""
+
+    ids: list[int]
+    positions: list[int]
+    slots: list[int]
+    tables: list[list[int]]
+    pad_index: list[list[int]]
+    valid: list[int]
+    starts: list[int]
+    lengths: list[int]
+    last: list[int]
+    width: int
+    context: int
+
+    @classmethod
+    def build(cls, chunks: list[Chunk], block_size: int, scratch: int) -> _PrefillInputs:
+        width = max(c.length for c in chunks)
+        blocks = max(-(-(c.start + c.length) // block_size) for c in chunks)
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        tables: list[list[int]] = []
+        pad_index: list[list[int]] = []
+        valid: list[int] = []
+        last: list[int] = []
+        total = sum(c.length for c in chunks)
+        for row, c in enumerate(chunks):
+            first = len(ids)
+            table = c.seq.block_table
+            span = range(c.start, c.start + c.length)
+            ids += c.seq.token_ids(c.start, c.start + c.length)
+            positions += span
+            slots += [table[p // block_size] * block_size + p % block_size for p in span]
+            tables.append(table[:blocks] + [scratch] * (blocks - len(table[:blocks])))
+            pad_index.append(list(range(first, first + c.length)) + [total] * (width - c.length))
+            valid += range(row * width, row * width + c.length)
+            if c.samples:
+                last.append(first + c.length - 1)
+        starts = [c.start for c in chunks]
+        lengths = [c.length for c in chunks]
+        return cls(ids, positions, slots, tables, pad_index, valid, starts, lengths, last,
+                   width, blocks * block_size)  # fmt: skip
+
+    def tensors(self, device: torch.device, groups: int) -> dict[str, torch.Tensor]:
+        """Device tensors; ``mask`` only when some chunk continues a sequence."""
+
+        def put(values: list) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.long).to(device, non_blocking=True)
+
+        out = {
+            "ids": put(self.ids),
+            "positions": put(self.positions),
+            "slots": put(self.slots),
+            "tables": put(self.tables),
+            "pad_index": put(self.pad_index),
+            "valid": put(self.valid),
+            "last": put(self.last),
+        }
+        if any(self.starts):
+            out["mask"] = self._mask(put(self.starts), put(self.lengths), device, groups)
+        return out
+
+    def _mask(
+        self, starts: torch.Tensor, lengths: torch.Tensor, device: torch.device, groups: int
+    ) -> torch.Tensor:
+        """``[B, 1, groups * Lq, L]``: causal from each chunk's start, within its end."""
+        query = starts.unsqueeze(1) + torch.arange(self.width, device=device).unsqueeze(0)
+        keys = torch.arange(self.context, device=device).view(1, 1, -1)
+        end = (starts + lengths).view(-1, 1, 1)
+        mask = (keys <= query.unsqueeze(2)) & (keys < end)
+        return mask.unsqueeze(1).repeat(1, 1, groups, 1)
