@@ -52,6 +52,7 @@ EXPOSE 9400
 # The heartbeat appears once the model is loaded: allow for a download on the first start.
 HEALTHCHECK --interval=10s --timeout=5s --start-period=600s --retries=5 \
     CMD ["aegis", "health", "worker"]
-# SIGTERM: the worker finishes its batch and hands back what it had buffered.
+# SIGTERM: the worker hands back what never ran, lets the running requests finish for
+# AEGIS_DRAIN_TIMEOUT_S and hands back the rest.
 STOPSIGNAL SIGTERM
 CMD ["python", "-m", "services.worker"]

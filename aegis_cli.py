@@ -141,11 +141,11 @@ def _local(host: str) -> str:
     return "127.0.0.1" if host in ("", "0.0.0.0", "::") else host
 
 
-def _http_ok(url: str) -> str | None:
+def _http_ok(url: str, headers: dict[str, str] | None = None) -> str | None:
     import httpx
 
     try:
-        status = httpx.get(url, timeout=HEALTH_TIMEOUT_S).status_code
+        status = httpx.get(url, headers=headers, timeout=HEALTH_TIMEOUT_S).status_code
     except httpx.HTTPError as exc:
         return f"{url}: {exc}"
     return None if status == 200 else f"{url}: HTTP {status}"
@@ -161,7 +161,11 @@ def gateway_health() -> str | None:
     from services.gateway.config import GatewaySettings
 
     settings = GatewaySettings()
-    return _http_ok(f"http://{_local(settings.gateway_host)}:{settings.gateway_port}/health")
+    headers = {}
+    if settings.api_keys and settings.auth_operations:  # /health wants a key too
+        headers["Authorization"] = f"Bearer {settings.api_keys[0].get_secret_value()}"
+    url = f"http://{_local(settings.gateway_host)}:{settings.gateway_port}/health"
+    return _http_ok(url, headers)
 
 
 def dashboard_health() -> str | None:

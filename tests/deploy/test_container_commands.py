@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import psycopg
 import pytest
 
@@ -101,3 +102,19 @@ def test_the_container_command_starts_turns_healthy_and_stops_on_sigterm(
     assert code == 0 or (name == "gateway" and code == -signal.SIGTERM), (
         f"exit code {code}\n{process.log_path.read_text()}"
     )
+
+
+def test_the_gateway_health_check_brings_a_key_when_health_needs_one(
+    services: dict[str, Any], aegis_env: dict[str, str], postgres_schema: str, tmp_path: Path
+) -> None:
+    service = services["gateway"]
+    env = _test_env(service, aegis_env, postgres_schema, tmp_path)
+    env.update(AEGIS_API_KEYS="sk-first,sk-second", AEGIS_AUTH_OPERATIONS="true")
+    process = Service("gateway", _local(service["command"]), env, tmp_path)
+    try:
+        check = service["healthcheck"]["test"]
+        wait_for(lambda: _healthy(check, env), 120, "gateway healthy", process)
+        url = f"http://127.0.0.1:{env['AEGIS_GATEWAY_PORT']}/health"
+        assert httpx.get(url, timeout=5).status_code == 401  # the key is what let it in
+    finally:
+        process.stop(timeout_s=60)
