@@ -17,12 +17,18 @@ from typing import Any, Protocol
 import torch
 
 from experiments import workloads
+from services.worker.core.engine import CoreConfig, EngineCore
 from services.worker.model import LoadedModel, load_model
 from shared.schemas import GenerationRequest, Precision
 
 log = logging.getLogger(__name__)
 
 PEERS = ("eager", "compile", "cb")
+GIB = 1024**3
+# The engine core's KV pool in a benchmark: enough for every workload at any concurrency
+# swept, leaving the rest of the card to the peers that run in the same process.
+KV_BUDGET_BYTES = {"cuda": 24 * GIB, "cpu": GIB // 8}
+MAX_BATCHED_TOKENS = {"cuda": 8192, "cpu": 512}
 
 
 class Bar(Protocol):
@@ -47,6 +53,7 @@ class BenchContext:
     compile_on_cpu: bool = False
     model_name: str = ""
     _loaded: LoadedModel | None = field(default=None, repr=False)
+    _core: EngineCore | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         workloads.check_scale(self.scale)
@@ -67,6 +74,29 @@ class BenchContext:
             torch.manual_seed(self.seed)
             self._loaded = load_model(self.model_name, self.device, self.precision, False)
         return self._loaded
+
+    @property
+    def kv_budget_bytes(self) -> int:
+        return KV_BUDGET_BYTES["cuda" if self.cuda else "cpu"]
+
+    @property
+    def max_batched_tokens(self) -> int:
+        return MAX_BATCHED_TOKENS["cuda" if self.cuda else "cpu"]
+
+    def core(self) -> EngineCore:
+        """AEGIS's engine core on the shared model, made once (pool and graphs kept).
+
+        EOS is ignored, as by every peer: on random weights it is noise.
+        """
+        if self._core is None:
+            config = CoreConfig(
+                max_num_seqs=512,
+                max_batched_tokens=self.max_batched_tokens,
+                kv_budget_bytes=self.kv_budget_bytes,
+                ignore_eos=True,
+            )
+            self._core = EngineCore(self.model(), config)
+        return self._core
 
     def vocab_size(self) -> int:
         return int(self.model().model.config.vocab_size)

@@ -1,11 +1,12 @@
-"""AEGIS in-process: the worker's batch loop over a request list, static or closed-loop.
+"""AEGIS in-process: the worker's serving loop over a request list, static or closed-loop.
 
-:class:`AegisRunner` does what ``services.worker.service.Worker`` does per cycle, minus
-Redis: keep a look-ahead buffer of ``lookahead x batch`` requests (FIFO), pick the batch
-with :func:`select_batch`, run it through the engine under :func:`run_with_oom_guard`,
-and record the cycle. With a :class:`ClosedLoop` the agent's policy sees every cycle
-(CycleStats, OOM events, the GPU's memory as the driver reports it) and its decisions
-are applied at the next batch boundary, as the real worker applies the control hash.
+:class:`AegisRunner` drives the engine core through the same
+:class:`~services.worker.loop.ServingLoop` the worker runs, with in-memory I/O instead of
+Redis: requests arrive all at once or at given times, answers are counted as they
+finish, and a window of steps is recorded every ``record_interval_s``. With a
+:class:`ClosedLoop` the agent's policy sees every window (CycleStats, OOM events, the
+GPU's memory as the driver reports it) and its decisions apply between steps, as the
+real worker applies the control hash.
 """
 
 from __future__ import annotations
@@ -27,11 +28,11 @@ from services.agent.policy import (
     WorkerControlState,
     cycle_memory_view,
 )
-from services.worker.engine import BatchLimits, BatchOutcome, HFGenerateEngine, combine_outcomes
-from services.worker.oom import OomInfo, run_with_oom_guard
-from services.worker.scheduler import select_batch
-from services.worker.stats import CycleContext, cycle_stats
-from shared.schemas import ControlSettings, CycleStats, GenerationRequest, OomEvent
+from services.worker.core.engine import EngineCore, StepOutput
+from services.worker.loop import ServingLoop
+from services.worker.oom import OomInfo
+from services.worker.window import StepWindow, WindowContext
+from shared.schemas import ControlSettings, CycleStats, GenerationRequest, OomEvent, now
 
 WORKER_ID = "bench"
 OnCycle = Callable[[int, float], None]  # (requests answered so far, seconds since start)
@@ -39,7 +40,7 @@ OnCycle = Callable[[int, float], None]  # (requests answered so far, seconds sin
 
 @dataclass
 class CycleRecord:
-    """One batch of a run, for timelines and plots (seconds since the run started)."""
+    """One window of steps of a run, for timelines and plots (seconds since the start)."""
 
     t_end: float
     seconds: float
@@ -53,11 +54,15 @@ class CycleRecord:
     peak_memory_bytes: int | None
     precision: str
     max_seq_len: int
+    running: int = 0
+    waiting: int = 0
+    kv_usage: float = 0.0
+    preemptions: int = 0
 
 
 @dataclass
 class ClosedLoop:
-    """The agent's policy in the loop: one observation per cycle, decisions applied."""
+    """The agent's policy in the loop: one observation per window, decisions applied."""
 
     policy: AgentPolicy
     state: WorkerControlState
@@ -73,7 +78,7 @@ class ClosedLoop:
     def observe(
         self, cycle: CycleStats, ooms: Sequence[OomEvent], t_rel: float
     ) -> ControlSettings | None:
-        """Feed one cycle; the new settings when the policy changed them."""
+        """Feed one window; the new settings when the policy changed them."""
         memory = cycle_memory_view(cycle, self.policy.config.overhead_bytes)
         obs = Observation(ts=time.time(), memory=memory, cycles=[cycle], ooms=list(ooms))
         decision = self.policy.decide(self.state, obs)
@@ -95,20 +100,102 @@ def _decision_record(decision: PolicyDecision, t_rel: float) -> dict[str, Any]:
 
 
 @dataclass
-class _Batch:
-    requests: list[GenerationRequest]
-    outcome: BatchOutcome
-    ooms: list[OomInfo]
-    seconds: float
+class RequestTiming:
+    """One answered request, seconds since the run started."""
+
+    arrived: float
+    first_token: float | None
+    finished: float
+    tokens: int
+    error: str | None
+
+
+class _BenchIO:
+    """The serving loop's I/O over a list of requests (``LoopIO``)."""
+
+    def __init__(
+        self,
+        runner: AegisRunner,
+        requests: Sequence[GenerationRequest],
+        arrivals: Sequence[float] | None,
+        settings: ControlSettings,
+        loop: ClosedLoop | None,
+        on_cycle: OnCycle | None,
+        bar: Bar | None,
+    ) -> None:
+        self.runner = runner
+        times = arrivals if arrivals is not None else [0.0] * len(requests)
+        self.pending = deque(sorted(zip(times, requests, strict=True), key=lambda p: p[0]))
+        self.settings = settings
+        self.closed = loop
+        self.on_cycle = on_cycle
+        self.bar = bar
+        self.start = time.perf_counter()
+        self.wall_start = now()
+        self.timings: dict[str, RequestTiming] = {}
+        self.cycles: list[CycleRecord] = []
+        self.ooms: list[OomInfo] = []
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def current_settings(self) -> ControlSettings:
+        return self.settings
+
+    def pull(self, count: int, block: bool) -> list[GenerationRequest]:
+        if block and self.pending:
+            time.sleep(max(0.0, self.pending[0][0] - self.elapsed()))
+        taken: list[GenerationRequest] = []
+        while self.pending and len(taken) < count and self.pending[0][0] <= self.elapsed():
+            _, request = self.pending.popleft()
+            taken.append(request.model_copy(update={"enqueued_at": now()}))
+        return taken
+
+    def cancelled(self, request_ids: list[str]) -> set[str]:
+        return set()
+
+    def deliver(self, output: StepOutput) -> None:
+        if output.stats.oom is not None:
+            self.ooms.append(output.stats.oom)
+        for outcome in output.finished:
+            offset = self.wall_start
+            request = self.runner.loop_requests.get(outcome.request_id)
+            arrived = (request.enqueued_at if request else offset) - offset
+            first = outcome.first_token_at - offset if outcome.first_token_at else None
+            self.timings[outcome.request_id] = RequestTiming(
+                arrived, first, outcome.finished_at - offset, outcome.completion_tokens,
+                outcome.error,
+            )  # fmt: skip
+        if self.bar is not None and output.finished:
+            self.bar.update(len(output.finished))
+
+    def record(self, window: StepWindow, loop: ServingLoop) -> None:
+        ooms = list(window.ooms)
+        failed = sum(1 for o, _ in window.finished if o.finish_reason == "error")
+        seconds = time.perf_counter() - window.started
+        ctx = WindowContext(WORKER_ID, self.runner.device, loop.applied, len(self.pending))
+        ctx.precision_saved_bytes = self.runner.core.take_precision_saved()
+        cycle = window.flush(self.runner.core.stats(), ctx)
+        t_rel = self.elapsed()
+        self.cycles.append(_cycle_record(cycle, ooms, failed, seconds, t_rel, self.settings))
+        if self.closed is not None:
+            events = [_oom_event(o, cycle) for o in ooms]
+            new = self.closed.observe(cycle, events, t_rel)
+            if new is not None:
+                version = self.settings.version + 1
+                self.settings = new.model_copy(update={"version": version})
+        if self.on_cycle is not None:
+            self.on_cycle(len(self.timings), t_rel)
 
 
 class AegisRunner:
-    """Runs request lists through AEGIS's engine as the worker loop would."""
+    """Runs request lists through AEGIS's engine core as the worker loop would."""
 
-    def __init__(self, engine: HFGenerateEngine, device: str, lookahead: float = 2.0) -> None:
-        self.engine = engine
+    def __init__(self, core: EngineCore, device: str, record_interval_s: float = 0.25) -> None:
+        self.core = core
         self.device = device
-        self.lookahead = lookahead
+        self.record_interval_s = record_interval_s
+        self.loop_requests: dict[str, GenerationRequest] = {}
 
     def run(
         self,
@@ -118,131 +205,78 @@ class AegisRunner:
         loop: ClosedLoop | None = None,
         on_cycle: OnCycle | None = None,
         bar: Bar | None = None,
+        arrivals: Sequence[float] | None = None,
     ) -> tuple[RunResult, list[CycleRecord]]:
-        """Answer every request; the result counts lost (unanswered) ones as failed."""
-        waiting = deque(requests)
-        buffer: list[GenerationRequest] = []
-        answered: dict[str, bool] = {}  # id -> succeeded
+        """Answer every request; the result counts lost (unanswered) ones as failed.
+
+        ``arrivals``: seconds after the start at which each request arrives (all at
+        once when None). Per-request timings land in ``result.extra["timings"]``.
+        """
+        io = _BenchIO(self, requests, arrivals, settings, loop, on_cycle, bar)
+        serving = ServingLoop(self.core, io, self.record_interval_s)
+        self.loop_requests = serving.requests
+        preempted = self.core.stats().preemptions
+        sync(self.device)
+        io.start, io.wall_start = time.perf_counter(), now()
+        while io.pending or self.core.has_work:
+            serving.iterate()
+        serving.flush()
+        sync(self.device)
         result = RunResult(system, len(requests), batch_size=settings.batch_size)
-        cycles: list[CycleRecord] = []
-        self._apply(settings)
-        sync(self.device)
-        start = time.perf_counter()
-        while waiting or buffer:
-            chosen, buffer = self._next_batch(waiting, buffer, settings)
-            ran = self._run_batch(chosen, settings)
-            t_rel = time.perf_counter() - start
-            cycles.append(self._record(ran, settings, t_rel, answered, result))
-            if bar is not None:
-                bar.update(len(chosen))
-            if loop is not None:
-                settings = self._feedback(loop, ran, settings, len(waiting) + len(buffer), t_rel)
-            if on_cycle is not None:
-                on_cycle(len(answered), t_rel)
-        result.seconds = time.perf_counter() - start
-        result.failed += len(requests) - len(answered)  # never answered: lost
-        peaks = [c.peak_memory_bytes for c in cycles if c.peak_memory_bytes is not None]
+        result.seconds = io.elapsed()
+        self._count(result, io, len(requests))
+        result.extra["preemptions"] = self.core.stats().preemptions - preempted
+        result.extra["timings"] = [asdict(t) for t in io.timings.values()]
+        peaks = [c.peak_memory_bytes for c in io.cycles if c.peak_memory_bytes is not None]
         result.peak_memory_bytes = max(peaks) if peaks else None
-        return result, cycles
+        return result, io.cycles
 
-    def _next_batch(
-        self,
-        waiting: deque[GenerationRequest],
-        buffer: list[GenerationRequest],
-        settings: ControlSettings,
-    ) -> tuple[list[GenerationRequest], list[GenerationRequest]]:
-        """(the batch, the buffer left): the worker's look-ahead, then its scheduler."""
-        want = max(1, int(settings.batch_size * self.lookahead))
-        while waiting and len(buffer) < want:
-            buffer.append(waiting.popleft())
-        chosen = select_batch(buffer, settings.batch_size, None, settings.max_seq_len)
-        ids = {r.id for r in chosen}
-        return chosen, [r for r in buffer if r.id not in ids]
+    @staticmethod
+    def _count(result: RunResult, io: _BenchIO, total: int) -> None:
+        good = [t for t in io.timings.values() if t.error is None]
+        result.completed = len(good)
+        result.failed = total - len(good)  # errors and never answered (lost)
+        result.tokens = sum(t.tokens for t in good)
+        result.oom_events = len(io.ooms)
+        result.recoveries = sum(1 for o in io.ooms if o.recovered)
 
-    def _feedback(
-        self, loop: ClosedLoop, ran: _Batch, settings: ControlSettings, depth: int, t_rel: float
-    ) -> ControlSettings:
-        """Show the policy this cycle; the settings for the next batch (applied)."""
-        stats = self._cycle_stats(ran, settings, depth)
-        events = [self._oom_event(o, settings) for o in ran.ooms]
-        new = loop.observe(stats, events, t_rel)
-        if new is None:
-            return settings
-        self._apply(new)
-        return new
 
-    def _apply(self, settings: ControlSettings) -> None:
-        if settings.precision != self.engine.precision:
-            self.engine.set_precision(settings.precision)
+def _cycle_record(
+    cycle: CycleStats, ooms: list[OomInfo], failed: int, seconds: float, t_rel: float,
+    settings: ControlSettings,
+) -> CycleRecord:  # fmt: skip
+    return CycleRecord(
+        t_end=round(t_rel, 4),
+        seconds=round(seconds, 4),
+        batch_size=cycle.batch_size,
+        batch_setting=settings.batch_size,
+        tokens=cycle.tokens_generated,
+        failed=failed,
+        oom_events=len(ooms),
+        recoveries=sum(1 for o in ooms if o.recovered),
+        max_prompt_len=cycle.max_prompt_len,
+        peak_memory_bytes=cycle.memory_peak_bytes,
+        precision=cycle.precision,
+        max_seq_len=cycle.max_seq_len,
+        running=cycle.running,
+        waiting=cycle.waiting,
+        kv_usage=round(cycle.kv_usage, 4),
+        preemptions=cycle.preemptions,
+    )
 
-    def _run_batch(self, batch: list[GenerationRequest], settings: ControlSettings) -> _Batch:
-        cap = min(settings.max_seq_len, self.engine.loaded.context_length)
-        limits = BatchLimits(max_seq_len=cap, ignore_eos=True)
-        ooms: list[OomInfo] = []
-        began = time.perf_counter()
-        outcomes = run_with_oom_guard(
-            lambda part: self.engine.run(part, limits),
-            batch,
-            on_oom=ooms.append,
-            on_fail=self.engine.fail,
-        )
-        sync(self.device)
-        combined = combine_outcomes(outcomes, self.engine.precision)
-        return _Batch(batch, combined, ooms, time.perf_counter() - began)
 
-    def _record(
-        self,
-        ran: _Batch,
-        settings: ControlSettings,
-        t_rel: float,
-        answered: dict[str, bool],
-        result: RunResult,
-    ) -> CycleRecord:
-        failed = [o for o in ran.outcome.results if o.finish_reason == "error"]
-        good = [o for o in ran.outcome.results if o.finish_reason != "error"]
-        for o in ran.outcome.results:
-            answered[o.request_id] = o.finish_reason != "error"
-        tokens = sum(o.completion_tokens for o in good)
-        recoveries = sum(1 for o in ran.ooms if o.recovered)
-        result.completed += len(good)
-        result.failed += len(failed)
-        result.tokens += tokens
-        result.oom_events += len(ran.ooms)
-        result.recoveries += recoveries
-        return CycleRecord(
-            t_end=round(t_rel, 4),
-            seconds=round(ran.seconds, 4),
-            batch_size=len(ran.requests),
-            batch_setting=settings.batch_size,
-            tokens=tokens,
-            failed=len(failed),
-            oom_events=len(ran.ooms),
-            recoveries=recoveries,
-            max_prompt_len=max(r.prompt_len for r in ran.requests),
-            peak_memory_bytes=ran.outcome.memory_peak_bytes,
-            precision=ran.outcome.precision,
-            max_seq_len=settings.max_seq_len,
-        )
-
-    def _cycle_stats(self, ran: _Batch, settings: ControlSettings, queue_depth: int) -> CycleStats:
-        ctx = CycleContext(
-            worker_id=WORKER_ID, device=self.device, settings=settings, latency_s=ran.seconds,
-            queue_depth=queue_depth, oom_events=len(ran.ooms),
-        )  # fmt: skip
-        return cycle_stats(ran.outcome, ran.requests, ctx)
-
-    def _oom_event(self, info: OomInfo, settings: ControlSettings) -> OomEvent:
-        return OomEvent(
-            worker_id=WORKER_ID,
-            batch_size=info.batch_size,
-            max_prompt_len=info.max_prompt_len,
-            max_new_tokens=info.max_new_tokens,
-            precision=self.engine.precision,
-            settings_version=settings.version,
-            recovered=info.recovered,
-            action=info.action,
-            message=info.message,
-        )
+def _oom_event(info: OomInfo, cycle: CycleStats) -> OomEvent:
+    return OomEvent(
+        worker_id=WORKER_ID,
+        batch_size=info.batch_size,
+        max_prompt_len=info.max_prompt_len,
+        max_new_tokens=info.max_new_tokens,
+        precision=cycle.precision,
+        settings_version=cycle.settings_version,
+        recovered=info.recovered,
+        action=info.action,
+        message=info.message,
+    )
 
 
 def cycles_dicts(cycles: Sequence[CycleRecord]) -> list[dict[str, Any]]:
@@ -250,5 +284,5 @@ def cycles_dicts(cycles: Sequence[CycleRecord]) -> list[dict[str, Any]]:
 
 
 def timeline(cycles: Sequence[CycleRecord]) -> list[list[float]]:
-    """``[start, end, tokens]`` per cycle, seconds since the run began (see rate_between)."""
+    """``[start, end, tokens]`` per window, seconds since the run began (see rate_between)."""
     return [[max(0.0, c.t_end - c.seconds), c.t_end, c.tokens] for c in cycles]

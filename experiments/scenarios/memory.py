@@ -19,9 +19,9 @@ from typing import Any
 
 from experiments import workloads
 from experiments.context import BenchContext
-from experiments.scenarios.common import architecture_prior, runner
+from experiments.scenarios.common import architecture_prior
 from services.agent.memory_model import MemoryModel
-from services.worker.engine import BatchLimits
+from services.worker.engine import BatchLimits, HFGenerateEngine
 from services.worker.model import LoadedModel, parameter_bytes
 from shared.schemas import GenerationRequest, Precision
 
@@ -66,13 +66,15 @@ def _series(ctx: BenchContext, name: str, spec: dict[str, Any]) -> list[dict[str
     lengths = spec["prompt_lens"]
     news = spec["new_tokens"] if isinstance(spec["new_tokens"], list) else [spec["new_tokens"]]
     shapes = [(b, p, n) for b in spec["batch_sizes"] for p in lengths for n in news]
-    aegis = runner(ctx)
+    # The activation memory model is the batch engine's (HF generate): its peak grows with
+    # batch x length, which the engine core's preallocated paged pool does not.
+    batch_engine = HFGenerateEngine(ctx.model())
     points = []
     with ctx.bar(len(shapes), f"memory {name}") as bar:
         for batch, prompt, new in shapes:
             requests = _batch(ctx, f"{name}-b{batch}-p{prompt}-n{new}", batch, prompt, new)
             limits = BatchLimits(max_seq_len=ctx.model().context_length, ignore_eos=True)
-            outcome = aegis.engine.run(requests, limits)
+            outcome = batch_engine.run(requests, limits)
             measured = outcome.memory_peak_bytes
             if measured is None:
                 measured = analytic_peak(ctx.model(), batch, prompt, new)

@@ -368,6 +368,11 @@ def banners(workers: Sequence[WorkerInfo], telemetry: pd.DataFrame) -> list[str]
     if synthetic:
         names = ", ".join(f"{w.worker_id} ({w.model})" for w in synthetic)
         messages.append(f"Synthetic model on {names}: random weights: text is meaningless.")
+    # A real model serving in place of the configured one names itself "... (fallback for X)".
+    fallback = [w for w in workers if not w.synthetic and "(fallback for " in w.model]
+    if fallback:
+        names = ", ".join(f"{w.worker_id} ({w.model})" for w in fallback)
+        messages.append(f"Fallback model on {names}: the configured model could not be loaded.")
     cpu_workers = [w.worker_id for w in workers if w.device.startswith("cpu")]
     gpu_hosts = set(telemetry.dropna(subset=["gpu_index"])["host"]) if len(telemetry) else set()
     cpu_hosts = sorted(set(telemetry["host"].dropna()) - gpu_hosts) if len(telemetry) else []

@@ -13,7 +13,9 @@ from services.gateway.generation import Generator
 from services.gateway.state import GatewayState
 
 
-def get_state(request: Request) -> GatewayState:
+# Dependencies are ``async``: FastAPI runs a plain ``def`` one in a worker thread, a
+# thread hop per dependency and request for what is an attribute read.
+async def get_state(request: Request) -> GatewayState:
     state: GatewayState = request.app.state.gateway
     return state
 
@@ -21,11 +23,11 @@ def get_state(request: Request) -> GatewayState:
 StateDep = Annotated[GatewayState, Depends(get_state)]
 
 
-def get_settings(state: StateDep) -> GatewaySettings:
+async def get_settings(state: StateDep) -> GatewaySettings:
     return state.settings
 
 
-def get_generator(state: StateDep) -> Generator:
+async def get_generator(state: StateDep) -> Generator:
     return state.generator
 
 

@@ -131,7 +131,14 @@ async def _http_error(_: Request, exc: Exception) -> JSONResponse:
 
 async def _redis_down(_: Request, exc: Exception) -> JSONResponse:
     log.warning("redis error: %s", exc)
-    body = error_body(f"the queue (Redis) is unavailable: {exc}", "service_unavailable")
+    # The request may have been queued before the connection failed: a retry with the
+    # same Idempotency-Key is answered from that run instead of running it again.
+    body = error_body(
+        f"the queue (Redis) is unavailable: {exc}; retry later, with the same "
+        "Idempotency-Key if you sent one",
+        "service_unavailable",
+        code="queue_unavailable",
+    )
     return JSONResponse(body, status_code=503, headers={"Retry-After": "5"})
 
 

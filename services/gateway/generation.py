@@ -2,8 +2,8 @@
 
 :class:`Generator` is the gateway's one user of :class:`shared.queue.GatewayQueue`. It
 turns queue conditions into :class:`ApiError` s: a full queue is 429 (with Retry-After),
-no answer in time is 504, an answer with ``finish_reason='error'`` is 500, a gateway
-that is stopping answers what still waits with 503.
+no answer in time is 504, an answer with ``finish_reason='error'`` is 500 (``cancelled``:
+409), a gateway that is stopping answers what still waits with 503.
 
 Work nobody will read is cancelled through Redis (the worker polls the cancel keys once
 per step): a client that left, a deadline that passed, a stop. A body sent with an
@@ -39,6 +39,21 @@ def failed(result: GenerationResult) -> ApiError:
         "server_error",
         code="generation_failed",
     )
+
+
+def unanswered(result: GenerationResult) -> ApiError | None:
+    """The error for a final result that is not an answer (failed, or cancelled)."""
+    if result.finish_reason == "error":
+        return failed(result)
+    if result.finish_reason == "cancelled":
+        # Only a retry with an Idempotency-Key can read the result of a cancelled run.
+        return ApiError(
+            409,
+            "the run of this request was cancelled before it finished (its deadline passed "
+            "or its client left): send it again with a new Idempotency-Key",
+            code="request_cancelled",
+        )
+    return None
 
 
 def _timeout(timeout_s: float) -> ApiError:
@@ -190,8 +205,9 @@ class Generator:
             async for event in self.queue.events(request.id, self.timeout_s):
                 if isinstance(event, GenerationResult):
                     self.metrics.observe_result(request, event, None)
-                    if event.finish_reason == "error":
-                        raise failed(event)
+                    error = unanswered(event)
+                    if error is not None:
+                        raise error
                     return event
         except TimeoutError as exc:
             raise _timeout(self.timeout_s) from exc
@@ -222,6 +238,8 @@ class Generator:
                     raise event
                 if isinstance(event, GenerationResult):
                     unfinished.discard(event.request_id)
+                    if unanswered(event) is not None:
+                        reason = "error"  # the stream ends on it: the others are useless
                 yield index, event
             await self.queue.finish_reading([r.id for r in requests])
         finally:

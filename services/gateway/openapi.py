@@ -17,6 +17,7 @@ _MEANING = {
     400: "Invalid request (OpenAI error shape; `param` names the field)",
     401: "Missing or wrong API key (when AEGIS_API_KEYS is set)",
     404: "No such model or resource",
+    409: "The first run of this Idempotency-Key was cancelled before it finished",
     413: "Request body over AEGIS_MAX_BODY_BYTES",
     429: "Queue full: retry after the Retry-After header's seconds",
     500: "A worker failed to generate the answer",
@@ -34,7 +35,7 @@ def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
 
 # Every /v1 route can answer these (the edge middlewares and the Redis handler).
 EDGE = (400, 401, 413, 503)
-GENERATION = errors(*EDGE, 404, 429, 500, 504)
+GENERATION = errors(*EDGE, 404, 409, 429, 500, 504)
 
 
 def install_openapi(app: FastAPI) -> None:

@@ -9,7 +9,7 @@ from contextlib import aclosing
 from typing import Any, Protocol
 
 from services.gateway.errors import ApiError, error_body
-from services.gateway.generation import Event, failed
+from services.gateway.generation import Event, unanswered
 from services.gateway.planning import Plan
 from services.gateway.schemas import (
     AegisInfo,
@@ -211,8 +211,9 @@ async def event_stream(
                     if event.text:
                         yield sse(fmt.piece(plan, index, event.text, None))
                     continue
-                if event.finish_reason == "error":
-                    raise failed(event)
+                error = unanswered(event)
+                if error is not None:
+                    raise error
                 results[index] = event
                 # Text the worker did not stream (if any) goes out with the finish reason.
                 yield sse(fmt.piece(plan, index, event.text[sent[index] :], event.finish_reason))

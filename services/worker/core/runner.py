@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from services.worker.core.llama import (
@@ -31,6 +32,7 @@ from services.worker.core.llama import (
     PrefillAttention,
     forward,
 )
+from services.worker.core.paged_attention import triton_available
 from services.worker.core.sampling import SamplingBatch, sample
 from services.worker.core.scheduler import Chunk, StepPlan
 
@@ -48,6 +50,7 @@ class RunnerConfig:
     max_batched_tokens: int = 8192  # the largest step, for the profiling pass
     max_num_seqs: int = 256
     cuda_graphs: bool = True
+    paged_kernel: bool = True  # the Triton decode kernel where it can run (else gather)
     max_graph_batch: int = 512
     # Whole-process cap as a fraction of the card (0: none): weights + activations + KV.
     gpu_memory_fraction: float = 0.0
@@ -88,6 +91,7 @@ class ModelRunner:
         self._graphs: dict[tuple[int, int], _DecodeGraph] = {}
         self._graph_pool: Any = None  # a CUDA graph memory pool handle
         self._static: dict[str, torch.Tensor] = {}
+        self.kernel = config.paged_kernel and triton_available(device)
 
     @property
     def on_cuda(self) -> bool:
@@ -197,10 +201,15 @@ class ModelRunner:
         table = torch.arange(self.max_blocks_per_seq, device=self.device)
         tables = table.unsqueeze(0).expand(rows, -1).contiguous()
         lens = torch.full((rows,), self.max_blocks_per_seq * self.block_size, device=self.device)
-        mask = _length_mask(lens, tables.shape[1] * self.block_size)
         ids = torch.zeros(rows, dtype=torch.long, device=self.device)
         slots = torch.zeros(rows, dtype=torch.long, device=self.device)
-        forward(self.weights, self.cache, ids, ids, slots, DecodeAttention(tables, mask), None)
+        attend = self._decode_attention(tables, lens)
+        forward(self.weights, self.cache, ids, ids, slots, attend, None)
+
+    def _decode_attention(self, tables: torch.Tensor, lens: torch.Tensor) -> DecodeAttention:
+        if self.kernel:
+            return DecodeAttention(tables, lens, kernel=True)
+        return DecodeAttention(tables, lens, _length_mask(lens, tables.shape[1] * self.block_size))
 
     # -- one step -------------------------------------------------------------------------
 
@@ -253,8 +262,7 @@ class ModelRunner:
         assert self.cache is not None
         host = _DecodeInputs.build(chunks, len(chunks), blocks, self.block_size, self.cache)
         t = {k: v.to(self.device, non_blocking=True) for k, v in host.items()}
-        mask = _length_mask(t["lens"], blocks * self.block_size)
-        attend = DecodeAttention(t["tables"], mask)
+        attend = self._decode_attention(t["tables"], t["lens"])
         return forward(self.weights, self.cache, t["ids"], t["positions"], t["slots"], attend, None)
 
     # -- CUDA graphs ----------------------------------------------------------------------
@@ -286,10 +294,10 @@ class ModelRunner:
         started = time.perf_counter()
         s = self._static
         tables = s["tables"][:bucket, :blocks]
-        cache, weights, size = self.cache, self.weights, blocks * self.block_size
+        cache, weights = self.cache, self.weights
 
         def step() -> torch.Tensor:
-            attend = DecodeAttention(tables, _length_mask(s["lens"][:bucket], size))
+            attend = self._decode_attention(tables, s["lens"][:bucket])
             logits = forward(
                 weights, cache, s["ids"][:bucket], s["positions"][:bucket],
                 s["slots"][:bucket], attend, None,
@@ -401,27 +409,28 @@ class _DecodeInputs:
         chunks: list[Chunk], rows: int, blocks: int, block_size: int, cache: KVCache
     ) -> dict[str, torch.Tensor]:
         scratch = cache.scratch_block
-        pad = rows - len(chunks)
-        ids, positions, slots, lens, tables = [], [], [], [], []
-        for c in chunks:
-            pos = c.start
-            table = c.seq.block_table
-            ids.append(c.seq.token_ids(pos, pos + 1)[0])
-            positions.append(pos)
-            slots.append(table[pos // block_size] * block_size + pos % block_size)
-            lens.append(pos + 1)
-            tables.append(table + [scratch] * (blocks - len(table)))
-        ids += [0] * pad
-        positions += [0] * pad
-        slots += [scratch * block_size] * pad
-        lens += [1] * pad
-        tables += [[scratch] * blocks] * pad
+        ids = np.zeros(rows, dtype=np.int64)
+        positions = np.zeros(rows, dtype=np.int64)
+        slots = np.full(rows, scratch * block_size, dtype=np.int64)
+        tables = np.full((rows, blocks), scratch, dtype=np.int64)
+        for i, c in enumerate(chunks):
+            seq, pos = c.seq, c.start
+            table = seq.block_table
+            generated = seq.row.tokens
+            ids[i] = (
+                generated[-1] if generated and pos >= len(seq.prompt_ids) else seq.prompt_ids[pos]
+            )
+            positions[i] = pos
+            slots[i] = table[pos // block_size] * block_size + pos % block_size
+            tables[i, : len(table)] = table
+        lens = positions + 1
+        lens[len(chunks) :] = 1
         return {
-            "ids": torch.tensor(ids, dtype=torch.long),
-            "positions": torch.tensor(positions, dtype=torch.long),
-            "slots": torch.tensor(slots, dtype=torch.long),
-            "lens": torch.tensor(lens, dtype=torch.long),
-            "tables": torch.tensor(tables, dtype=torch.long),
+            "ids": torch.from_numpy(ids),
+            "positions": torch.from_numpy(positions),
+            "slots": torch.from_numpy(slots),
+            "lens": torch.from_numpy(lens),
+            "tables": torch.from_numpy(tables),
         }
 
 

@@ -44,16 +44,18 @@ class Limits:
 
 @dataclass
 class Chunk:
-    """Tokens ``start .. start + length`` of one sequence, computed in this step."""
+    """Tokens ``start .. start + length`` of one sequence, computed in this step.
+
+    ``samples``: the chunk reaches the sequence's end, so its last logits pick a token.
+    """
 
     seq: Sequence
     start: int
     length: int
+    samples: bool = field(init=False)
 
-    @property
-    def samples(self) -> bool:
-        """Whether this chunk reaches the sequence's end: its last logits pick a token."""
-        return self.start + self.length == self.seq.num_tokens
+    def __post_init__(self) -> None:
+        self.samples = self.start + self.length == self.seq.num_tokens
 
 
 @dataclass
@@ -156,7 +158,10 @@ class Scheduler:
     # -- internals ----------------------------------------------------------------------
 
     def _chunk_of_running(self, seq: Sequence, budget: int, plan: StepPlan) -> Chunk | None:
-        want = min(seq.num_uncomputed, budget)
+        computed = seq.num_computed
+        want = min(seq.num_tokens - computed, budget)
+        if want == 1 and len(seq.block_table) * self.pool.block_size > computed:
+            return Chunk(seq, computed, 1)  # a decode with room in its last block
         if want <= 0:
             return None
         while True:
