@@ -93,7 +93,7 @@ def worker_service(gpu: int, position: int) -> str:
         "      resources:\n"
         "        reservations:\n"
         f'          devices: !override [{{driver: nvidia, device_ids: ["{gpu}"], '
-        "capabilities: [gpu]}]\n"
+        "capabilities: [gpu, compute, utility]}]\n"
     )
 
 

@@ -97,6 +97,12 @@ def test_published_ports_stay_on_loopback_unless_the_env_says_otherwise(env: Pat
     assert published and all(p["host_ip"] == "127.0.0.1" for p in published)
 
 
+def test_the_monitor_reads_every_gpu_through_nvml_without_cuda(env: Path) -> None:
+    monitor = resolved([BASE], env)["services"]["monitor"]
+    (device,) = monitor["deploy"]["resources"]["reservations"]["devices"]
+    assert device["count"] == -1 and set(device["capabilities"]) == {"gpu", "utility"}
+
+
 def test_redis_keeps_an_append_only_file_on_a_volume(env: Path) -> None:
     redis = resolved([BASE], env)["services"]["redis"]
     command = redis["command"]
@@ -133,6 +139,7 @@ def test_a_gpu_override_runs_one_worker_per_gpu(
         port = environment["AEGIS_WORKER_METRICS_PORT"]
         seen.append((device["device_ids"], environment["AEGIS_WORKER_ID"], port))
         assert service["expose"] == [port] and environment["AEGIS_DEVICE"] == "cuda:0"
+        assert set(device["capabilities"]) == {"gpu", "compute", "utility"}  # CUDA and NVML
         assert service["healthcheck"]["test"] == ["CMD", "aegis", "health", "worker"]
         assert set(service["depends_on"]) == STORES
     assert sorted(seen) == [
