@@ -69,6 +69,8 @@ class LauncherSettings(CommonSettings):
     worker_id: str = ""
     worker_metrics_port: int | None = Field(default=None, ge=0, le=65535)
     device: str = "auto"
+    # CUDA's own variable (no AEGIS_ prefix): the GPUs `--workers gpus` may use.
+    cuda_visible_devices: str | None = Field(default=None, validation_alias="CUDA_VISIBLE_DEVICES")
 
 
 @dataclass
@@ -109,9 +111,9 @@ def worker_count(value: str) -> int | str:
     return count
 
 
-def visible_gpus() -> int:
+def visible_gpus(settings: LauncherSettings) -> int:
     """GPUs this process may use: CUDA_VISIBLE_DEVICES when set, else NVML's count."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    visible = settings.cuda_visible_devices
     if visible is not None:
         return len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"])
     import pynvml  # the monitor's dependency: no torch needed to count GPUs
@@ -136,7 +138,7 @@ def worker_envs(workers: int | str, settings: LauncherSettings) -> list[dict[str
     if workers == 1:
         return [{}]
     per_gpu = workers == "gpus"
-    count = visible_gpus() if per_gpu else int(workers)
+    count = visible_gpus(settings) if per_gpu else int(workers)
     if count == 0:
         raise ValueError("--workers gpus: no GPU is visible (NVML); use --workers N")
     base_port = settings.worker_metrics_port
