@@ -88,7 +88,9 @@ def test_a_host_that_only_adds_workers_points_them_at_the_shared_stores(
         assert environment["AEGIS_REDIS_URL"] == shared["AEGIS_REDIS_URL"]
         assert environment["AEGIS_DATABASE_URL"] == shared["AEGIS_DATABASE_URL"]
     assert services["worker"]["environment"]["AEGIS_WORKER_ID"] == "node1-gpu0"
+    # The agent pairs a worker with its host's telemetry by host name.
     assert services["monitor"]["environment"]["AEGIS_HOST_NAME"] == "node1"
+    assert services["worker"]["hostname"] == "node1"
 
 
 def test_published_ports_stay_on_loopback_unless_the_env_says_otherwise(env: Path) -> None:
@@ -142,6 +144,7 @@ def test_a_gpu_override_runs_one_worker_per_gpu(
         assert set(device["capabilities"]) == {"gpu", "compute", "utility"}  # CUDA and NVML
         assert service["healthcheck"]["test"] == ["CMD", "aegis", "health", "worker"]
         assert set(service["depends_on"]) == STORES
+        assert service["hostname"] == "node0"  # as the monitor's samples say
     assert sorted(seen) == [
         (["0"], "node0-gpu0", "9400"),
         (["2"], "node0-gpu2", "9401"),
