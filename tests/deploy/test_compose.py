@@ -4,6 +4,7 @@ profile and with a GPU override written by ``aegis compose``."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -103,6 +104,17 @@ def test_the_monitor_reads_every_gpu_through_nvml_without_cuda(env: Path) -> Non
     monitor = resolved([BASE], env)["services"]["monitor"]
     (device,) = monitor["deploy"]["resources"]["reservations"]["devices"]
     assert device["count"] == -1 and set(device["capabilities"]) == {"gpu", "utility"}
+
+
+def test_every_image_is_built_here_or_pinned_to_a_precise_version(env: Path) -> None:
+    for name, service in resolved([BASE], env, ("observability",))["services"].items():
+        image = service["image"]
+        if "build" in service:
+            assert image in ("aegis-runtime:slim", "aegis-runtime:worker"), name
+            assert service["build"]["target"] == image.split(":")[1]
+        else:
+            # Postgres numbers its releases major.minor; the others major.minor.patch.
+            assert re.fullmatch(r"[\w./-]+:v?\d+\.\d+(\.\d+)?", image), f"{name}: {image}"
 
 
 def test_redis_keeps_an_append_only_file_on_a_volume(env: Path) -> None:
