@@ -33,7 +33,7 @@ from experiments.summary import summary_text
 
 log = logging.getLogger("experiments.benchmark")
 
-SCENARIOS = ("sweep", "memory", "adaptive", "oom", "system")
+SCENARIOS = ("sweep", "bursty", "memory", "adaptive", "oom", "system")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

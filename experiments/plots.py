@@ -20,6 +20,7 @@ def write_all(results: dict[str, Any], out: Path) -> list[Path]:
         return []
     makers: dict[str, Callable[[Any, dict[str, Any]], None]] = {
         "sweep": _sweep,
+        "bursty": _bursty,
         "memory": _memory,
         "adaptive": _adaptive,
         "oom": _oom,
@@ -41,6 +42,20 @@ def write_all(results: dict[str, Any], out: Path) -> list[Path]:
         plt.close(fig)
         written.append(path)
     return written
+
+
+def _bursty(fig: Any, d: dict[str, Any]) -> None:
+    """Each answered request: arrival time vs end-to-end latency, per system."""
+    ax = fig.add_subplot(1, 1, 1)
+    systems = [("AEGIS engine core", d["aegis"])]
+    if isinstance(d.get("hf_static"), dict) and "error" not in d["hf_static"]:
+        systems.append(("HF eager batch-at-a-time", d["hf_static"]))
+    for name, data in systems:
+        points = data.get("timeline", [])
+        ax.scatter([a for a, _ in points], [f - a for a, f in points], s=4, label=name)
+    ax.set_xlabel("arrival (s since start)")
+    ax.set_ylabel("end-to-end latency (s)")
+    ax.legend()
 
 
 def _sweep(fig: Any, d: dict[str, Any]) -> None:

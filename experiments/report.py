@@ -78,6 +78,7 @@ def markdown(results: dict[str, Any], images: list[str]) -> str:
     )
     sections = {
         "sweep": _sweep_md,
+        "bursty": _bursty_md,
         "memory": _memory_md,
         "adaptive": _adaptive_md,
         "oom": _oom_md,
@@ -91,6 +92,26 @@ def markdown(results: dict[str, Any], images: list[str]) -> str:
         lines += [f"**failed:** `{data['error']}`", ""] if "error" in data else build(data)
     lines += [f"![{Path(i).stem}]({i})" for i in images]
     return "\n".join(lines) + "\n"
+
+
+def _bursty_md(d: dict[str, Any]) -> list[str]:
+    cfg = d["config"]
+    phases = ", ".join(f"{p['rate']}/s for {p['seconds']} s" for p in cfg["phases"])
+    low, high = cfg["prompt"]
+    lines = [
+        f"{d['requests']} requests arriving at {phases}; prompts log-normal (median "
+        f"{cfg['prompt_median']}, {low}..{high}), max_tokens {cfg['max_tokens']}; "
+        f"last arrival at {d['last_arrival_s']} s.",
+        "",
+    ]
+    systems = [("AEGIS engine core", d["aegis"])]
+    if isinstance(d.get("hf_static"), dict) and "error" not in d["hf_static"]:
+        systems.append((f"HF eager, batch-at-a-time ({cfg['static_batch']})", d["hf_static"]))
+    keys = ["tokens_per_s", "completed", "ttft_p50_s", "ttft_p99_s", "e2e_p50_s", "e2e_p99_s",
+            "drain_s"]  # fmt: skip
+    rows = [[name, *[s.get(k) for k in keys], s.get("note") or "-"] for name, s in systems]
+    return lines + table(["system", "tok/s", "answered", "TTFT p50 s", "TTFT p99 s",
+                          "e2e p50 s", "e2e p99 s", "drain s", "note"], rows)  # fmt: skip
 
 
 def _sweep_md(d: dict[str, Any]) -> list[str]:

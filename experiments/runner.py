@@ -147,8 +147,8 @@ class _BenchIO:
             time.sleep(max(0.0, self.pending[0][0] - self.elapsed()))
         taken: list[GenerationRequest] = []
         while self.pending and len(taken) < count and self.pending[0][0] <= self.elapsed():
-            _, request = self.pending.popleft()
-            taken.append(request.model_copy(update={"enqueued_at": now()}))
+            arrival, request = self.pending.popleft()  # latency counts from the arrival
+            taken.append(request.model_copy(update={"enqueued_at": self.wall_start + arrival}))
         return taken
 
     def cancelled(self, request_ids: list[str]) -> set[str]:

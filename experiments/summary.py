@@ -31,6 +31,7 @@ def summary_rows(results: dict[str, Any]) -> list[Row]:
     rows: list[Row] = []
     builders = {
         "sweep": _sweep_summary,
+        "bursty": _bursty_summary,
         "memory": _memory_summary,
         "adaptive": _adaptive_summary,
         "oom": _oom_summary,
@@ -83,6 +84,23 @@ def _sweep_summary(data: dict[str, Any]) -> list[Row]:
                 cb["ratio"],
             )
         )
+    return rows
+
+
+def _bursty_summary(data: dict[str, Any]) -> list[Row]:
+    aegis, peer = data["aegis"], data.get("hf_static")
+    peer_ok = isinstance(peer, dict) and "error" not in peer
+    rows: list[Row] = []
+    measures = [
+        ("tokens_per_s", "tokens/s"),
+        ("ttft_p50_s", "TTFT p50 s"),
+        ("e2e_p99_s", "end-to-end p99 s"),
+        ("drain_s", "answers after last arrival s"),
+    ]
+    for key, label in measures:
+        theirs = peer.get(key) if peer_ok and peer else None
+        rows.append(("bursty", label, aegis.get(key), "batch-at-a-time HF eager", theirs,
+                     _ratio(aegis.get(key) or 0.0, theirs or 0.0)))  # fmt: skip
     return rows
 
 

@@ -128,6 +128,8 @@ class Services:
             "AEGIS_DEVICE": ctx.device,
             "AEGIS_PRECISION": ctx.precision,
             "AEGIS_BATCH_SIZE": str(batch),
+            "AEGIS_MAX_BATCHED_TOKENS": str(ctx.max_batched_tokens),
+            "AEGIS_KV_BUDGET_BYTES": str(ctx.kv_budget_bytes),
             "AEGIS_WORKER_ID": f"{self.prefix}-worker",
             "AEGIS_LOG_LEVEL": "WARNING",
             "AEGIS_MAX_QUEUE_DEPTH": "100000",

@@ -34,9 +34,9 @@ def test_requests_follow_their_phase_spec() -> None:
                 assert r.params.temperature == 0.0
 
 
-def test_full_scale_w1_is_benchmarks_w1_cut_to_256() -> None:
+def test_full_scale_w1_is_benchmarks_w1() -> None:
     (phase,) = workloads.workload("W1", "full").phases
-    assert (phase.count, phase.prompt, phase.new_tokens) == (256, (64, 512), (128, 128))
+    assert (phase.count, phase.prompt, phase.new_tokens) == (512, (64, 512), (128, 128))
     lengths = [p.prompt for p in workloads.workload("W2", "full").phases]
     assert lengths == [(32, 128), (1024, 1900), (32, 1900)]
 
@@ -69,7 +69,7 @@ def test_malformed_specs_are_rejected(tmp_path: Path) -> None:
 
 
 def test_cli_lists_and_rates() -> None:
-    assert scenarios_of("all") == ["sweep", "memory", "adaptive", "oom", "system"]
+    assert scenarios_of("all") == ["sweep", "bursty", "memory", "adaptive", "oom", "system"]
     assert scenarios_of("oom, sweep") == ["sweep", "oom"]
     with pytest.raises(ValueError):
         scenarios_of("sweep,bogus")
