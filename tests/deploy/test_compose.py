@@ -72,9 +72,18 @@ def test_secrets_come_from_the_env_file_and_nothing_is_hard_coded(
     assert SECRETS["REDIS_PASSWORD"] in services["redis"]["command"]
     grafana = services["grafana"]["environment"]
     assert grafana["GF_SECURITY_ADMIN_PASSWORD"] == SECRETS["GRAFANA_ADMIN_PASSWORD"]
-    # The committed example has no secret: Compose refuses to start until one is set.
+    # The committed example has no secret: Compose refuses to start until they are set.
     done = run_compose([BASE], ROOT / "deploy" / ".env.example", "config", "-q")
-    assert done.returncode != 0 and "set REDIS_PASSWORD in .env" in done.stderr
+    assert done.returncode != 0 and "_PASSWORD in .env" in done.stderr
+
+
+@pytest.mark.parametrize(
+    "secret", ["REDIS_PASSWORD", "POSTGRES_PASSWORD", "GRAFANA_ADMIN_PASSWORD"]
+)
+def test_each_secret_is_required(tmp_path: Path, secret: str) -> None:
+    env = env_file(tmp_path, {**SECRETS, secret: ""})
+    done = run_compose([BASE], env, "config", "-q", profiles=("observability",))
+    assert done.returncode != 0 and f"set {secret} in .env" in done.stderr
 
 
 def test_a_host_that_only_adds_workers_points_them_at_the_shared_stores(
