@@ -5,6 +5,9 @@
 - ``aegis health SERVICE``: exit 0 when that service answers (the images' health checks).
 - ``aegis jobs``: the batch-jobs worker (``rq worker`` on the configured Redis and queue).
 - ``aegis bench``: the benchmark suite (its own options: ``aegis bench --help``).
+
+Only the standard library is imported at the top, so ``python3 aegis_cli.py compose``
+works on a Docker host where AEGIS itself is not installed.
 """
 
 from __future__ import annotations
@@ -18,10 +21,12 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import redis
+if TYPE_CHECKING:
+    import redis
 
-from shared.config import CommonSettings
+    from shared.config import CommonSettings
 
 log = logging.getLogger("aegis")
 
@@ -45,13 +50,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    from services.launcher import add_run_arguments, run
-
     parser = argparse.ArgumentParser(prog="aegis", description="AEGIS Runtime")
     sub = parser.add_subparsers(dest="command", required=True)
     run_parser = sub.add_parser("run", help="start the whole system as local processes")
-    add_run_arguments(run_parser)
-    run_parser.set_defaults(handler=run)
+    if argv[:1] == ["run"]:  # the launcher imports every service's settings: only for run
+        from services.launcher import add_run_arguments, run
+
+        add_run_arguments(run_parser)
+        run_parser.set_defaults(handler=run)
     compose = sub.add_parser("compose", help=f"write {OVERRIDE_FILE}: one worker per GPU")
     compose.add_argument("--gpus", type=gpu_list, required=True, help="GPU indexes, e.g. 0,1")
     compose.add_argument("--dir", type=Path, default=Path("."), help="the repository root")
@@ -130,12 +136,6 @@ def write_compose_override(options: argparse.Namespace) -> int:
 # -- aegis health ----------------------------------------------------------------------------
 
 
-class WorkerIdentity(CommonSettings):
-    """The worker's id only: the health check must not probe the port the worker holds."""
-
-    worker_id: str = ""
-
-
 def _local(host: str) -> str:
     """Where to connect to a server listening on ``host``."""
     return "127.0.0.1" if host in ("", "0.0.0.0", "::") else host
@@ -152,6 +152,8 @@ def _http_ok(url: str, headers: dict[str, str] | None = None) -> str | None:
 
 
 def _redis(settings: CommonSettings) -> redis.Redis:
+    import redis
+
     return redis.Redis.from_url(
         settings.redis_url, socket_timeout=HEALTH_TIMEOUT_S, socket_connect_timeout=HEALTH_TIMEOUT_S
     )
@@ -178,7 +180,13 @@ def dashboard_health() -> str | None:
 
 def worker_health() -> str | None:
     """The worker's heartbeat key: present while its loop runs (after the model loaded)."""
+    from shared.config import CommonSettings
     from shared.keys import Keys
+
+    class WorkerIdentity(CommonSettings):
+        """The id only: WorkerSettings would probe the metrics port the worker holds."""
+
+        worker_id: str = ""
 
     settings = WorkerIdentity()
     if not settings.worker_id:
@@ -207,6 +215,8 @@ def monitor_health() -> str | None:
 
 def agent_health() -> str | None:
     """The agent keeps no heartbeat: its process is up (it runs this) and Redis answers."""
+    from shared.config import CommonSettings
+
     settings = CommonSettings()
     return None if _redis(settings).ping() else "Redis does not answer"
 
@@ -215,6 +225,7 @@ def jobs_health() -> str | None:
     """An rq worker of this host is registered on the jobs queue."""
     from rq import Queue, Worker
 
+    from shared.config import CommonSettings
     from shared.keys import Keys
 
     settings = CommonSettings()
@@ -254,6 +265,7 @@ def run_jobs_worker(_options: argparse.Namespace) -> int:
     The URL (it may hold a password) goes in rq's ``RQ_REDIS_URL``, not in the argv that
     ``ps`` shows; exec, so signals reach rq directly.
     """
+    from shared.config import CommonSettings
     from shared.keys import Keys
 
     settings = CommonSettings()

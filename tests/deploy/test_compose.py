@@ -181,6 +181,21 @@ def test_a_single_gpu_override_moves_the_worker(env: Path, tmp_path: Path) -> No
     assert list(workers) == ["worker"] and device["device_ids"] == ["5"]
 
 
+def test_the_override_is_written_with_the_standard_library_alone(tmp_path: Path) -> None:
+    """On a Docker host without AEGIS installed: `python3 aegis_cli.py compose ...`."""
+    shutil.copy(BASE, tmp_path / "docker-compose.yml")
+    blocked = ["pydantic", "pydantic_settings", "redis", "rq", "httpx", "shared", "services"]
+    code = (
+        f"import runpy, sys; sys.modules.update(dict.fromkeys({blocked!r})); "
+        f"sys.argv = ['aegis_cli.py', 'compose', '--gpus', '0,1', '--dir', {str(tmp_path)!r}]; "
+        f"runpy.run_path({str(ROOT / 'aegis_cli.py')!r}, run_name='__main__')"
+    )
+    done = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True,
+                          timeout=60, check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "worker-gpu1:" in (tmp_path / "docker-compose.gpus.yml").read_text()
+
+
 @pytest.mark.parametrize("bad", ["", "0,0", "a,b", "-1"])
 def test_bad_gpu_lists_are_refused(tmp_path: Path, bad: str) -> None:
     shutil.copy(BASE, tmp_path / "docker-compose.yml")

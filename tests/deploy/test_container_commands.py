@@ -28,6 +28,8 @@ from tests.processes import Service, free_port, wait_for
 
 pytestmark = pytest.mark.slow
 
+# What the agent and the monitor log once their loop runs (and SIGTERM is theirs to handle).
+RUNNING_LOG = {"agent": "agent started", "monitor": "monitor started"}
 # `aegis` as this checkout's module: an installed console script may import another copy.
 EXECUTABLES = {"python": [sys.executable], "aegis": [sys.executable, "-m", "aegis_cli"]}
 
@@ -96,6 +98,8 @@ def test_the_container_command_starts_turns_healthy_and_stops_on_sigterm(
     try:
         check = service["healthcheck"]["test"]
         wait_for(lambda: _healthy(check, env), 180, f"{name} healthy", process)
+        if name in RUNNING_LOG:  # their check only proves Redis answers: wait for the loop
+            wait_for(lambda: RUNNING_LOG[name] in process.log(), 60, f"{name} running", process)
     finally:
         code = process.stop(timeout_s=60)
     # uvicorn re-raises SIGTERM after its graceful shutdown (Docker counts that as a stop).
