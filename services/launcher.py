@@ -391,15 +391,18 @@ class Supervisor:
         self.stopping = True
 
     def run(self) -> int:
-        signal.signal(signal.SIGINT, self._ask_stop)
-        signal.signal(signal.SIGTERM, self._ask_stop)
+        previous = {s: signal.signal(s, self._ask_stop) for s in (signal.SIGINT, signal.SIGTERM)}
         os.environ.setdefault("PYTHONUNBUFFERED", "1")
-        for child in self.children:
-            child.start()
-        while not self.stopping:
-            self._restart_dead()
-            time.sleep(0.5)
-        self._stop_all()
+        try:
+            for child in self.children:
+                child.start()
+            while not self.stopping:
+                self._restart_dead()
+                time.sleep(0.5)
+        finally:  # whatever ended the loop, no child is left behind
+            self._stop_all()
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
         return EXIT_SERVICE_FAILED if self.failed else 0
 
     def _restart_dead(self) -> None:
