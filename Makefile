@@ -24,8 +24,9 @@ deploy-lint: install
 	.venv/bin/hadolint Dockerfile
 	@compose=$$(.venv/bin/python -c 'import compose, pathlib; print(pathlib.Path(compose.__file__).parent / "docker-compose")') && \
 	env_file=$$(mktemp) && printf 'REDIS_PASSWORD=x\nPOSTGRES_PASSWORD=x\nGRAFANA_ADMIN_PASSWORD=x\n' > "$$env_file" && \
-	"$$compose" --env-file "$$env_file" -f docker-compose.yml --profile observability config -q; \
-	rc=$$?; rm -f "$$env_file"; [ $$rc -eq 0 ] && echo "docker-compose.yml: valid" || exit $$rc
+	"$$compose" --env-file "$$env_file" -f docker-compose.yml --profile observability config -q && \
+	"$$compose" --env-file "$$env_file" -f docker-compose.yml -f docker-compose.cpu.yml config -q; \
+	rc=$$?; rm -f "$$env_file"; [ $$rc -eq 0 ] && echo "docker-compose.yml (+ cpu override): valid" || exit $$rc
 
 clean:
 	rm -rf .venv data test-artifacts

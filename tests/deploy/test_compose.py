@@ -133,6 +133,16 @@ def test_redis_keeps_an_append_only_file_on_a_volume(env: Path) -> None:
     assert any(v["target"] == "/data" and v["type"] == "volume" for v in redis["volumes"])
 
 
+@pytest.mark.parametrize("profiles", [(), ("observability",)])
+def test_the_cpu_override_asks_for_no_gpu(env: Path, profiles: tuple[str, ...]) -> None:
+    files = [BASE, ROOT / "docker-compose.cpu.yml"]
+    services = resolved(files, env, profiles)["services"]
+    for name, service in services.items():
+        assert "deploy" not in service, f"{name} still reserves a device"
+    worker = services["worker"]["environment"]
+    assert (worker["AEGIS_DEVICE"], worker["AEGIS_MODEL"]) == ("cpu", "smollm2-135m")
+
+
 def _gpu_override(tmp_path: Path, gpus: str) -> list[Path]:
     """Write the override with the real CLI beside a copy of the base file."""
     shutil.copy(BASE, tmp_path / "docker-compose.yml")
