@@ -13,7 +13,6 @@ works on a Docker host where AEGIS itself is not installed.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import re
 import socket
@@ -28,7 +27,6 @@ if TYPE_CHECKING:
 
     from shared.config import CommonSettings
 
-log = logging.getLogger("aegis")
 
 OVERRIDE_FILE = "docker-compose.gpus.yml"
 TARGETS_FILE = Path("deploy/prometheus/targets/workers-gpus.json")
