@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import redis
 from pydantic import Field, ValidationError
@@ -353,6 +354,7 @@ def _review_leftovers(settings: LauncherSettings, fresh: bool) -> bool:
     """Report (or with ``fresh`` clear) earlier state; False when it is not safe to go on."""
     client = redis.Redis.from_url(settings.redis_url)
     keys = Keys(settings.key_prefix)
+    where = _without_password(settings.redis_url)
     try:
         leftovers = find_leftovers(client, keys)
         if leftovers.live_workers and fresh:
@@ -360,7 +362,7 @@ def _review_leftovers(settings: LauncherSettings, fresh: bool) -> bool:
                 "--fresh refused: worker(s) %s are alive on %s under prefix %r (another "
                 "AEGIS runs there): stop them, or use another AEGIS_KEY_PREFIX",
                 ", ".join(leftovers.live_workers),
-                settings.redis_url,
+                where,
                 settings.key_prefix,
             )
             return False
@@ -373,8 +375,20 @@ def _review_leftovers(settings: LauncherSettings, fresh: bool) -> bool:
         if leftovers.stale:
             log.warning("`aegis run --fresh` starts from a clean Redis state instead")
         return True
+    except redis.RedisError as exc:
+        log.error("cannot read the state in Redis at %s: %s", where, exc)
+        return False
     finally:
         client.close()
+
+
+def _without_password(url: str) -> str:
+    """The URL as it may be logged."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit(parts._replace(netloc=f"***@{netloc}"))
 
 
 class Supervisor:

@@ -7,7 +7,13 @@ import socket
 
 import pytest
 
-from services.launcher import LauncherSettings, plan_children, worker_count, worker_envs
+from services.launcher import (
+    LauncherSettings,
+    _without_password,
+    plan_children,
+    worker_count,
+    worker_envs,
+)
 
 HOST = socket.gethostname()
 
@@ -56,3 +62,9 @@ def test_the_worker_service_expands_to_one_child_per_worker(monkeypatch) -> None
 def test_bad_worker_counts_are_refused(bad: str) -> None:
     with pytest.raises(argparse.ArgumentTypeError):
         worker_count(bad)
+
+
+def test_a_redis_password_never_reaches_the_log() -> None:
+    assert _without_password("redis://:s3cret@redis:6379/0") == "redis://***@redis:6379/0"
+    assert _without_password("redis://user:s3cret@h/1") == "redis://***@h/1"
+    assert _without_password("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
