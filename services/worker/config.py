@@ -12,6 +12,31 @@ from shared.config import DEFAULT_MODEL, CommonSettings
 
 DeviceChoice = Literal["auto", "cpu", "cuda"] | str
 PrecisionChoice = Literal["auto", "fp32", "bf16", "fp16", "int8"]
+DEFAULT_METRICS_PORT = 9400
+# How far above the default an unset metrics port may move (one port per worker on a host).
+METRICS_PORT_RANGE = 100
+
+
+def port_is_free(host: str, port: int) -> bool:
+    """Whether a server could listen on ``host:port`` now (as Prometheus' server binds)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        # create_server sets SO_REUSEADDR, as http.server does: only a listener conflicts.
+        socket.create_server((host, port), family=family).close()
+    except OSError:
+        return False
+    return True
+
+
+def first_free_port(host: str, start: int) -> int:
+    """The first port from ``start`` on which a server could listen."""
+    for port in range(start, start + METRICS_PORT_RANGE):
+        if port_is_free(host, port):
+            return port
+    raise ValueError(
+        f"no free metrics port in {start}-{start + METRICS_PORT_RANGE - 1} on {host}: "
+        "set AEGIS_WORKER_METRICS_PORT (0 for no metrics)"
+    )
 
 
 class WorkerSettings(CommonSettings):
@@ -47,8 +72,9 @@ class WorkerSettings(CommonSettings):
     heartbeat_ttl_s: int = Field(default=15, ge=2)
     poll_block_ms: int = Field(default=500, ge=1)
     events_maxlen: int = Field(default=10_000, ge=100)
-    # Prometheus /metrics of this worker (0: not served). One port per worker on a host.
-    worker_metrics_port: int = Field(default=9400, ge=0, le=65535)
+    # Prometheus /metrics of this worker (0: not served). One port per worker on a host:
+    # unset, the first free port from 9400 up; set, that port or a clear error if it is taken.
+    worker_metrics_port: int = Field(default=DEFAULT_METRICS_PORT, ge=0, le=65535)
     worker_metrics_host: str = "127.0.0.1"
     # The share of the GPU this process may use (weights + activations + KV pool).
     gpu_memory_fraction: float = Field(default=0.9, gt=0.0, le=1.0)
@@ -58,10 +84,25 @@ class WorkerSettings(CommonSettings):
 
     @model_validator(mode="after")
     def _default_worker_id(self) -> WorkerSettings:
+        self._settle_metrics_port()
         if not self.worker_id:
-            device = self.device.replace(":", "") if self.device != "auto" else "auto"
-            self.worker_id = f"{socket.gethostname()}-{device}"
+            # Unique on a host without configuration: two workers never share a metrics
+            # port, so the port tells them apart (and stays the same across a restart).
+            device = self.device.replace(":", "")
+            suffix = self.worker_metrics_port or f"pid{os.getpid()}"
+            self.worker_id = f"{socket.gethostname()}-{device}-{suffix}"
         return self
+
+    def _settle_metrics_port(self) -> None:
+        host, port = self.worker_metrics_host, self.worker_metrics_port
+        if "worker_metrics_port" not in self.model_fields_set:
+            self.worker_metrics_port = first_free_port(host, DEFAULT_METRICS_PORT)
+        elif port and not port_is_free(host, port):
+            raise ValueError(
+                f"AEGIS_WORKER_METRICS_PORT={port} is already in use on {host} (another "
+                "worker on this host?): give each worker its own port, leave it unset to "
+                f"take the first free one from {DEFAULT_METRICS_PORT}, or set 0 for no metrics"
+            )
 
     @property
     def consumer_name(self) -> str:
