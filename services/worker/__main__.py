@@ -23,6 +23,10 @@ log = logging.getLogger("services.worker")
 def main() -> int:
     settings = WorkerSettings()
     setup_logging(settings.log_level, settings.log_json, f"worker[{settings.worker_id}]")
+    # Served first: the port the settings picked is claimed before the (long) model load.
+    metrics = WorkerMetrics(settings.worker_id)
+    if settings.worker_metrics_port:
+        metrics.serve(settings.worker_metrics_port, settings.worker_metrics_host)
     device = resolve_device(settings.device)
     loaded = load_model(
         settings.model,
@@ -42,9 +46,6 @@ def main() -> int:
         spill_dir=settings.data_dir / "spill" / settings.worker_id,
         retention_hours=settings.retention_hours,
     )
-    metrics = WorkerMetrics(settings.worker_id)
-    if settings.worker_metrics_port:
-        metrics.serve(settings.worker_metrics_port, settings.worker_metrics_host)
     worker = Worker(settings, client, writer, loaded, core, metrics)
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: worker.stop())
