@@ -131,7 +131,7 @@ class Services:
             "AEGIS_MAX_BATCHED_TOKENS": str(ctx.max_batched_tokens),
             "AEGIS_KV_BUDGET_BYTES": str(ctx.kv_budget_bytes),
             "AEGIS_WORKER_ID": f"{self.prefix}-worker",
-            "AEGIS_LOG_LEVEL": "WARNING",
+            "AEGIS_LOG_LEVEL": "INFO",  # one line per window of steps: the run's timeline
             "AEGIS_MAX_QUEUE_DEPTH": "100000",
             "HF_HUB_OFFLINE": "1",
             "PYTHONUNBUFFERED": "1",
