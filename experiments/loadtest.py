@@ -155,7 +155,8 @@ class Connection:
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
 
-    async def post(self, path: str, body: bytes) -> tuple[int, dict[str, str]]:
+    async def post(self, path: str, body: bytes) -> tuple[int, dict[str, str], bytes]:
+        """(status, lower-cased headers, body) of one request."""
         if self.writer is None or self.reader is None:
             self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
         head = (
@@ -169,10 +170,10 @@ class Connection:
             name.strip().lower(): value.strip()
             for name, _, value in (line.partition(":") for line in lines[1:] if line)
         }
-        await self.reader.readexactly(int(headers.get("content-length", "0")))
+        content = await self.reader.readexactly(int(headers.get("content-length", "0")))
         if headers.get("connection", "").lower() == "close":
             await self.close()
-        return status, headers
+        return status, headers, content
 
     async def close(self) -> None:
         if self.writer is not None:
@@ -190,7 +191,7 @@ async def _client(port: int, jobs: asyncio.Queue[int], outcomes: list[Outcome]) 
         body = {"model": "synthetic:echo", "prompt": f"load test request {index}", "max_tokens": 8}
         start = time.perf_counter()
         try:
-            status, headers = await connection.post("/v1/completions", json.dumps(body).encode())
+            status, headers, _ = await connection.post("/v1/completions", json.dumps(body).encode())
         except (OSError, asyncio.IncompleteReadError, ValueError):
             status, headers = 0, {}  # a transport error: counted as an error
             await connection.close()

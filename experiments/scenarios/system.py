@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import logging
 import os
 import signal
@@ -32,6 +33,7 @@ from dataclasses import dataclass
 from typing import IO, Any
 
 from experiments.context import BenchContext
+from experiments.loadtest import Connection
 from experiments.measure import ROOT, RunResult
 from experiments.scenarios.common import ratio, runner, settings
 from shared.config import CommonSettings
@@ -233,35 +235,38 @@ class Answer:
 
 
 async def _post_all(base: str, texts: list[str], budgets: list[int]) -> list[Answer | None]:
-    import httpx
+    """Every completion at once, one keep-alive connection each (the load test's client:
+    httpx's async pool, not the gateway, was the bottleneck at this concurrency)."""
+    port = int(base.rsplit(":", 1)[1].split("/")[0])
+    calls = [_post(Connection(port), t, b) for t, b in zip(texts, budgets, strict=True)]
+    return list(await asyncio.gather(*calls))
 
-    limits = httpx.Limits(max_connections=len(texts) + 4, max_keepalive_connections=len(texts) + 4)
-    async with httpx.AsyncClient(base_url=base, timeout=REQUEST_TIMEOUT_S, limits=limits) as client:
-        calls = [_post(client, text, budget) for text, budget in zip(texts, budgets, strict=True)]
-        return list(await asyncio.gather(*calls))
 
-
-async def _post(client: Any, text: str, budget: int) -> Answer | None:
+async def _post(connection: Connection, text: str, budget: int) -> Answer | None:
     """One completion; a 429/503 (queue full, Redis busy) is retried as a client would."""
     body = {"model": "bench", "prompt": text, "max_tokens": budget, "temperature": 0}
     body["ignore_eos"] = True  # dropped by today's gateway (no such field): see module doc
+    payload = json.dumps(body).encode()
     deadline = time.monotonic() + REQUEST_TIMEOUT_S
-    for retry in itertools.count():
-        try:
-            response = await client.post("/v1/completions", json=body)
-        except Exception as exc:
-            log.warning("request failed: %s", exc)
-            return None
-        if response.status_code in RETRY_STATUS and time.monotonic() < deadline:
-            await asyncio.sleep(RETRY_DELAY_S)
-            continue
-        if response.status_code != 200:
-            log.warning("request answered %d: %s", response.status_code, response.text[:200])
-            return None
-        data = response.json()
-        usage, choice = data["usage"], data["choices"][0]
-        return Answer(int(usage["completion_tokens"]), str(choice["finish_reason"]), retry)
-    return None
+    try:
+        for retry in itertools.count():
+            try:
+                status, _, content = await connection.post("/v1/completions", payload)
+            except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
+                log.warning("request failed: %s", exc)
+                return None
+            if status in RETRY_STATUS and time.monotonic() < deadline:
+                await asyncio.sleep(RETRY_DELAY_S)
+                continue
+            if status != 200:
+                log.warning("request answered %d: %s", status, content[:200])
+                return None
+            data = json.loads(content)
+            usage, choice = data["usage"], data["choices"][0]
+            return Answer(int(usage["completion_tokens"]), str(choice["finish_reason"]), retry)
+        return None
+    finally:
+        await connection.close()
 
 
 def _stop(process: subprocess.Popen[bytes], timeout_s: float = 30.0) -> None:
