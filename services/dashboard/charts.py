@@ -93,6 +93,14 @@ def oom_marks(ooms: pd.DataFrame, x: alt.X) -> alt.LayerChart:
     return alt.LayerChart(layer=[rules, points])
 
 
+def _y_scale(values: pd.Series) -> alt.Scale:
+    """Vega's own scale, but 0..1 when every value is 0 (no preemption yet, say): a flat
+    zero line would otherwise get a degenerate axis labelled "0.000000"."""
+    if pd.to_numeric(values, errors="coerce").fillna(0).abs().max() == 0:
+        return alt.Scale(domain=[0, 1])
+    return alt.Scale()
+
+
 def _lines(
     frame: pd.DataFrame,
     value: str,
@@ -109,7 +117,7 @@ def _lines(
     tooltip = [alt.Tooltip("time:T", format="%H:%M:%S"), alt.Tooltip(f"{color}:N")]
     encoding: dict[str, object] = {
         "x": x,
-        "y": alt.Y(f"{value}:Q", title=title),
+        "y": alt.Y(f"{value}:Q", title=title, scale=_y_scale(frame[value])),
         "color": alt.Color(f"{color}:N", title=None, scale=alt.Scale(scheme="tableau10")),
     }
     if dash:

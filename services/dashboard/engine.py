@@ -38,6 +38,11 @@ def seconds_text(seconds: float | None) -> str:
     return f"{seconds * 1000:.0f} ms" if seconds < 1 else f"{seconds:.2f} s"
 
 
+def percent_text(pct: float) -> str:
+    """A percentage for display; two decimals below 1 % so that a large pool isn't "0.0%"."""
+    return f"{pct:.2f}%" if 0 < pct < 1 else f"{pct:.1f}%"
+
+
 def _latest_known(cycles: pd.DataFrame, column: str) -> pd.DataFrame:
     """Per worker, its latest cycle that has a value in ``column`` (``worker_id, value``)."""
     series = cycle_series(cycles, column)
@@ -73,10 +78,10 @@ def engine_headline(cycles: pd.DataFrame) -> EngineHeadline:
     preempted = cycle_series(cycles, "preemptions")["value"]
     return EngineHeadline(
         running_waiting=queues,
-        kv_usage="-" if kv.empty else f"{kv['pct'].max():.1f}%",
+        kv_usage="-" if kv.empty else percent_text(float(kv["pct"].max())),
         kv_detail="; ".join(
-            f"{r.worker_id}: {r.pct:.1f}% ({r.blocks_used:.0f}/{r.blocks_total:.0f} blocks, "
-            f"pool {r.pool_gib:.2f} GiB)"
+            f"{r.worker_id}: {percent_text(r.pct)} "
+            f"({r.blocks_used:.0f}/{r.blocks_total:.0f} blocks, pool {r.pool_gib:.2f} GiB)"
             for r in kv.sort_values("worker_id").itertuples()
         ),
         ttft_p95=seconds_text(None if ttft.empty else float(ttft.max())),

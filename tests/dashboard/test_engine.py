@@ -105,6 +105,15 @@ def test_request_outcomes_count_cancelled_and_errors() -> None:
     assert engine.request_outcomes(to_frame([])) == engine.RequestOutcomes(0, 0, 0)
 
 
+def test_percent_text_keeps_small_usage_visible() -> None:
+    assert [engine.percent_text(p) for p in (0.0, 0.034, 62.5, 100.0)] == [
+        "0.0%",
+        "0.03%",
+        "62.5%",
+        "100.0%",
+    ]
+
+
 @pytest.mark.parametrize(
     ("seconds", "text"), [(None, "-"), (float("nan"), "-"), (0.0854, "85 ms"), (1.254, "1.25 s")]
 )
