@@ -143,6 +143,10 @@ def _chart(section: Section) -> None:
 NO_CYCLES = "No worker cycles"
 # Said where cycles lack the engine core's columns (written by an older version).
 NO_CORE = "No engine-core statistics"
+WORKER_MEMORY_NOTE = (
+    "held: weights + KV blocks in use + activation peak (follows the tokens held); "
+    "reserved: all that torch holds, the whole preallocated KV pool included."
+)
 RUNNING_HELP = (
     "Sequences in the engine core's running batch / waiting for a place in it, at the end "
     "of each worker's latest window (summed over workers)."
@@ -219,6 +223,13 @@ def _sections(snapshot: Snapshot, timeline: charts.Timeline, max_points: int) ->
             "batch", "Max running sequences", per_worker("batch_size", "max running"), NO_CYCLES
         ),
         Section("memory", MEMORY_TITLES[memory.source], memory_chart, "No memory readings"),
+        Section(
+            "worker-memory",
+            "Worker memory: held / reserved",
+            lines(engine.worker_memory_series(cycles), "gib", "worker GiB", "worker_id", "series"),
+            "No worker memory readings",
+            WORKER_MEMORY_NOTE,
+        ),
         Section("utilisation", "GPU utilisation %", utilisation, "No GPU utilisation readings"),
         Section("latency", "Request latency p50/p95", latency, NO_CYCLES),
         Section("queue", "Queue depth", per_worker("queue_depth", "requests"), NO_CYCLES),

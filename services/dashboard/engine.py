@@ -137,6 +137,22 @@ def paired_series(cycles: pd.DataFrame, columns: Mapping[str, str]) -> pd.DataFr
     return frame.reindex(columns=["time", "worker_id", "series", "value"])
 
 
+# What a worker's memory readings mean with the engine core (labels of its chart).
+WORKER_MEMORY = {"memory_peak_bytes": "held", "memory_reserved_bytes": "reserved"}
+
+
+def worker_memory_series(cycles: pd.DataFrame) -> pd.DataFrame:
+    """The workers' own memory readings in GiB (``time, worker_id, series, gib``).
+
+    "held": weights + KV blocks in use + activation peak, the memory that follows the
+    tokens held; "reserved": everything torch holds, the whole preallocated KV pool
+    included. A CPU worker reports no reservation: only "held" is drawn.
+    """
+    frame = paired_series(cycles, WORKER_MEMORY)
+    frame["value"] = pd.to_numeric(frame["value"], errors="coerce") / GIB
+    return frame.rename(columns={"value": "gib"})
+
+
 @dataclass(frozen=True)
 class RequestOutcomes:
     """How the window's recorded requests finished."""

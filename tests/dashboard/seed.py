@@ -79,6 +79,8 @@ def _core(worker: str, i: int) -> dict[str, object]:
         "itl_p50_s": 0.01,
         "itl_p95_s": 0.02 + 0.001 * i,
         "max_batched_tokens": 2048,
+        "memory_peak_bytes": (4 + i % 3) * GIB,
+        "memory_reserved_bytes": 10 * GIB,
     }
 
 

@@ -33,6 +33,7 @@ OTHER_TITLES = (
     "Tokens/s",
     "Max running sequences",
     "GPU memory",
+    "Worker memory: held / reserved",
     "GPU utilisation %",
     "Request latency p50/p95",
     "Queue depth",
@@ -132,6 +133,11 @@ def assert_core_charts(app: AppTest) -> None:
     assert (last(phases, "w1", series="prefill"), last(phases, "w1", series="decode")) == (129, 229)
     most_running, _ = chart(app, "max running")
     assert last(most_running, "w1") == 16
+    memory, _ = chart(app, "worker GiB")
+    assert (
+        last(memory, "w1", "gib", series="held"),
+        last(memory, "w2", "gib", series="reserved"),
+    ) == (6.0, 10.0)
 
 
 def assert_seeded_page(app: AppTest) -> None:

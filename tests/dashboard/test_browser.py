@@ -48,6 +48,7 @@ CHART_SECTIONS = (
     "prefill",
     "batch",
     "memory",
+    "worker-memory",
     "utilisation",
     "latency",
     "queue",

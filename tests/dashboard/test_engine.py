@@ -119,3 +119,14 @@ def test_percent_text_keeps_small_usage_visible() -> None:
 )
 def test_seconds_text(seconds: float | None, text: str) -> None:
     assert engine.seconds_text(seconds) == text
+
+
+def test_worker_memory_in_gib_and_cpu_without_reservation() -> None:
+    cycles = frame(
+        core(T0, "gpu", memory_peak_bytes=3 * GIB, memory_reserved_bytes=8 * GIB),
+        core(T0, "cpu", memory_peak_bytes=GIB // 2, memory_reserved_bytes=None),
+    )
+    memory = engine.worker_memory_series(cycles)
+    rows = memory[["worker_id", "series", "gib"]].values.tolist()
+    assert sorted(rows) == [["cpu", "held", 0.5], ["gpu", "held", 3.0], ["gpu", "reserved", 8.0]]
+    assert engine.worker_memory_series(frame()).empty
