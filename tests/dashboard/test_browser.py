@@ -172,7 +172,7 @@ def test_dashboard_in_chromium(dashboard: str, db_url: str) -> None:
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:
-            page = browser.new_page(viewport={"width": 1400, "height": 2900})
+            page = browser.new_page(viewport={"width": 1400, "height": 3300})
             page.goto(dashboard, wait_until="domcontentloaded")
             assert_charts(page)
             assert_tables(page)
