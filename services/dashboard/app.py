@@ -6,6 +6,8 @@ database; empty means the embedded SQLite file under ``AEGIS_DATA_DIR``). The si
 that reruns every ``refresh_s`` seconds. Every section sits in a container keyed
 ``section-<name>`` (CSS class ``st-key-section-<name>``) so browser tests can find it.
 A database that is missing, empty or unreachable gives a message, never a traceback.
+The page reads the records database, and Redis only for the dead letters (read-only,
+short timeouts: an unreachable Redis is said in their section).
 """
 
 from __future__ import annotations
@@ -16,19 +18,32 @@ from typing import NamedTuple
 
 import altair as alt
 import pandas as pd
+import redis
 import streamlit as st
 from pydantic import ValidationError
 
-from services.dashboard import charts, data, source
+from services.dashboard import charts, data, engine, letters, source
 from services.dashboard.config import DashboardSettings
 from services.dashboard.data import Filters
+from services.dashboard.letters import DeadLetters
 from services.dashboard.source import Snapshot
 from shared.db import Records, RecordsError
+from shared.keys import Keys
 from shared.logs import setup_logging
 
 log = logging.getLogger(__name__)
 # Failures reading the database that become a message on the page.
 READ_ERRORS = (RecordsError, OSError, ValueError)
+# Cycle columns drawn together, one line style per series (the first solid).
+RUNNING = {"running": "running", "waiting": "waiting"}
+TTFT = {"ttft_p50_s": "p50", "ttft_p95_s": "p95"}
+ITL = {"itl_p50_s": "p50", "itl_p95_s": "p95"}
+PHASES = {"decode_tokens": "decode", "prefill_tokens": "prefill"}
+KV_TOOLTIP = (
+    alt.Tooltip("blocks_used:Q", title="blocks used", format=",.0f"),
+    alt.Tooltip("blocks_total:Q", title="blocks total", format=",.0f"),
+    alt.Tooltip("pool_gib:Q", title="pool GiB", format=",.2f"),
+)
 MEMORY_TITLES = {
     "gpu": "GPU memory",
     "worker": "GPU memory (worker readings)",
@@ -85,20 +100,30 @@ def _sidebar(settings: DashboardSettings, url: str) -> tuple[str, Filters]:
     return window, Filters(workers=tuple(chosen), gpus=tuple(chosen_gpus))
 
 
-def _headline(snapshot: Snapshot) -> None:
+def _headline(snapshot: Snapshot, dead: DeadLetters | str) -> None:
+    """Two rows of numbers: the engine core's now, then settings and what went wrong."""
     head = data.headline(snapshot.cycles, snapshot.oom_events)
+    core = engine.engine_headline(snapshot.cycles)
+    outcomes = engine.request_outcomes(snapshot.requests)
     tokens = "-" if head.tokens_per_s is None else f"{head.tokens_per_s:,.1f}"
     queue = "-" if head.queue_depth is None else str(head.queue_depth)
+    detail = head.per_worker or None
     with st.container(key="section-metrics"):
+        core_row = st.columns(6)
+        core_row[0].metric("Tokens/s now", tokens)
+        core_row[1].metric("Running / waiting", core.running_waiting, help=RUNNING_HELP)
+        core_row[2].metric("KV cache used", core.kv_usage, help=core.kv_detail or None)
+        core_row[3].metric("TTFT p95", core.ttft_p95, help=TTFT_HELP)
+        core_row[4].metric("Preemptions in window", core.preemptions)
+        core_row[5].metric("Queue depth", queue)
         # Precision gets more room: with several workers it reads like "bf16/fp16".
-        cols = st.columns([1.1, 1, 1.5, 1.1, 1, 1])
-        cols[0].metric("Tokens/s now", tokens)
-        detail = head.per_worker or None
-        cols[1].metric("Batch size", head.batch_size, help=detail)
-        cols[2].metric("Precision", head.precision, help=detail)
-        cols[3].metric("Settings version", head.settings_version, help=detail)
-        cols[4].metric("OOMs in window", str(head.oom_count))
-        cols[5].metric("Queue depth", queue)
+        cols = st.columns([1.5, 1.1, 1, 1, 1, 0.4])
+        cols[0].metric("Precision", head.precision, help=detail)
+        cols[1].metric("Settings version", head.settings_version, help=detail)
+        cols[2].metric("OOMs in window", str(head.oom_count))
+        cols[3].metric("Cancelled in window", str(outcomes.cancelled), help=outcomes.detail())
+        letters_count = "-" if isinstance(dead, str) else str(dead.total)
+        cols[4].metric("Dead letters", letters_count, help=DEAD_LETTERS_HELP)
         if head.last_cycle_ts is not None:
             st.caption(f"Last cycle {max(0.0, time.time() - head.last_cycle_ts):.0f} s ago")
 
@@ -111,34 +136,64 @@ def _chart(section: Section) -> None:
             st.caption(f"{section.empty.rstrip('.')} in this window.")
         else:
             st.altair_chart(section.chart, width="stretch")
+            if section.note:
+                st.caption(section.note)
 
 
 NO_CYCLES = "No worker cycles"
+# Said where cycles lack the engine core's columns (written by an older version).
+NO_CORE = "No engine-core statistics"
+WORKER_MEMORY_NOTE = (
+    "held: weights + KV blocks in use + activation peak (follows the tokens held); "
+    "reserved: all that torch holds, the whole preallocated KV pool included."
+)
+RUNNING_HELP = (
+    "Sequences in the engine core's running batch / waiting for a place in it, at the end "
+    "of each worker's latest window (summed over workers)."
+)
+TTFT_HELP = "Time to first token, p95 of the latest window (highest worker)."
+DEAD_LETTERS_HELP = (
+    "Requests given up after too many failed deliveries (their clients got an error), "
+    "ever recorded; the table below lists this window's."
+)
 
 
 class Section(NamedTuple):
-    """One chart on the page; ``empty`` is said instead when ``chart`` is None."""
+    """One chart on the page; ``empty`` is said instead when ``chart`` is None.
+
+    ``note`` is a caption under the chart.
+    """
 
     key: str
     title: str
     chart: alt.LayerChart | None
     empty: str
+    note: str = ""
 
 
 def _sections(snapshot: Snapshot, timeline: charts.Timeline, max_points: int) -> list[Section]:
-    """The time charts in page order (two per row)."""
+    """The time charts in page order (two per row): the engine core's first."""
     cycles, telemetry = snapshot.cycles, snapshot.telemetry
 
     def lines(
-        frame: pd.DataFrame, value: str, title: str, color: str, dash: str | None = None
+        frame: pd.DataFrame,
+        value: str,
+        title: str,
+        color: str,
+        dash: str | None = None,
+        extra: tuple[alt.Tooltip, ...] = (),
     ) -> alt.LayerChart | None:
         frame = data.thin(frame, max_points)
         if frame.empty:
             return None
-        return charts.time_chart(frame, value, title, color, timeline, dash=dash)
+        return charts.time_chart(frame, value, title, color, timeline, dash=dash, extra=extra)
 
     def per_worker(column: str, title: str) -> alt.LayerChart | None:
         return lines(data.cycle_series(cycles, column), "value", title, "worker_id")
+
+    def pair(columns: dict[str, str], title: str) -> alt.LayerChart | None:
+        frame = engine.paired_series(cycles, columns)
+        return lines(frame, "value", title, "worker_id", "series")
 
     memory = data.memory_series(telemetry, cycles)
     memory_frame = data.thin(memory.frame, max_points)
@@ -148,12 +203,35 @@ def _sections(snapshot: Snapshot, timeline: charts.Timeline, max_points: int) ->
         memory_chart = charts.memory_chart(memory_frame, levels, timeline)
     utilisation = lines(data.utilisation_series(telemetry, cycles), "pct", "%", "device")
     latency = lines(data.latency_series(cycles), "seconds", "seconds", "worker_id", "quantile")
+    kv = engine.kv_series(cycles)
+    kv_chart = lines(kv, "pct", "% of KV blocks", "worker_id", extra=KV_TOOLTIP)
+    pools = engine.kv_pools(kv)
     return [
         Section("tokens", "Tokens/s", per_worker("tokens_per_s", "tokens/s"), NO_CYCLES),
-        Section("batch", "Batch size", per_worker("batch_size", "batch size"), NO_CYCLES),
+        Section("running", "Running / waiting sequences", pair(RUNNING, "sequences"), NO_CORE),
+        Section("kv", "KV cache used %", kv_chart, NO_CORE, f"KV pool: {pools}" if pools else ""),
+        Section(
+            "preemptions",
+            "Preemptions per window",
+            per_worker("preemptions", "preemptions"),
+            NO_CORE,
+        ),
+        Section("ttft", "Time to first token p50/p95", pair(TTFT, "TTFT s"), NO_CORE),
+        Section("itl", "Inter-token latency p50/p95", pair(ITL, "inter-token s"), NO_CORE),
+        Section("prefill", "Prefill / decode tokens per window", pair(PHASES, "tokens"), NO_CORE),
+        Section(
+            "batch", "Max running sequences", per_worker("batch_size", "max running"), NO_CYCLES
+        ),
         Section("memory", MEMORY_TITLES[memory.source], memory_chart, "No memory readings"),
+        Section(
+            "worker-memory",
+            "Worker memory: held / reserved",
+            lines(engine.worker_memory_series(cycles), "gib", "worker GiB", "worker_id", "series"),
+            "No worker memory readings",
+            WORKER_MEMORY_NOTE,
+        ),
         Section("utilisation", "GPU utilisation %", utilisation, "No GPU utilisation readings"),
-        Section("latency", "Latency p50/p95", latency, NO_CYCLES),
+        Section("latency", "Request latency p50/p95", latency, NO_CYCLES),
         Section("queue", "Queue depth", per_worker("queue_depth", "requests"), NO_CYCLES),
     ]
 
@@ -169,6 +247,21 @@ def _charts(snapshot: Snapshot, max_points: int, start: float | None, end: float
         for column, section in zip(st.columns(2), sections[row : row + 2], strict=False):
             with column:
                 _chart(section)
+
+
+def _dead_letters_section(dead: DeadLetters | str, filters: Filters) -> None:
+    """The window's dead letters, newest first, or why they can't be shown."""
+    with st.container(key="section-dead-letters"):
+        st.subheader("Dead letters")
+        if isinstance(dead, str):
+            st.warning(dead, icon="⚠️")
+            return
+        table = letters.dead_letters_table(dead.letters, filters.workers)
+        if table.empty:
+            st.caption(f"No dead letters in this window ({dead.total} ever recorded).")
+            return
+        st.caption(f"{dead.total} ever recorded; the latest of this window:")
+        st.dataframe(table, hide_index=True, width="stretch")
 
 
 def _tables(snapshot: Snapshot) -> None:
@@ -189,10 +282,19 @@ def _tables(snapshot: Snapshot) -> None:
             st.dataframe(table, hide_index=True, width="stretch")
 
 
-def _page(
-    snapshot: Snapshot, window: str, since: float | None, now: float, max_points: int
-) -> None:
-    """Everything drawn from one snapshot of the window [since, now]."""
+class View(NamedTuple):
+    """What one refresh shows: the window [since, now] and the filters."""
+
+    window: str
+    since: float | None
+    now: float
+    filters: Filters
+    max_points: int
+
+
+def _page(snapshot: Snapshot, dead: DeadLetters | str, view: View) -> None:
+    """Everything drawn from one snapshot of the window and its dead letters."""
+    window = view.window
     for message in data.banners(snapshot.workers, snapshot.telemetry):
         st.warning(message, icon="⚠️")
     if snapshot.empty:
@@ -203,9 +305,10 @@ def _page(
             f"{hint}tart the runtime (workers, monitor, agent) and this page fills in."
         )
         return
-    _headline(snapshot)
-    _charts(snapshot, max_points, since, now)
+    _headline(snapshot, dead)
+    _charts(snapshot, view.max_points, view.since, view.now)
     _tables(snapshot)
+    _dead_letters_section(dead, view.filters)
 
 
 def _read_error(url: str, exc: Exception) -> str:
@@ -216,8 +319,29 @@ def _read_error(url: str, exc: Exception) -> str:
     return f"Database unreachable ({where}): {exc}. Retrying at every refresh."
 
 
-def _live(url: str, window: str, filters: Filters, max_rows: int) -> None:
+@st.cache_resource(show_spinner=False)
+def _redis(url: str, timeout_s: float) -> redis.Redis:
+    """One Redis client per URL (its pool reconnects by itself after an outage)."""
+    return letters.client_for(url, timeout_s)
+
+
+def _read_dead_letters(settings: DashboardSettings, since: float | None) -> DeadLetters | str:
+    """The window's dead letters, or the message saying Redis could not be read."""
+    try:
+        client = _redis(settings.redis_url, settings.redis_timeout_s)
+        keys = Keys(settings.key_prefix)
+        return letters.read_dead_letters(client, keys, since, settings.dead_letter_rows)
+    except (redis.RedisError, ValueError) as exc:
+        where = source.redact(settings.redis_url)
+        log.warning("reading dead letters from %s failed: %s", where, exc)
+        return (
+            f"Dead letters unknown: Redis unreachable ({where}): {exc}. Retrying at every refresh."
+        )
+
+
+def _live(settings: DashboardSettings, window: str, filters: Filters) -> None:
     """One refresh: read the window, draw it; a database error becomes a message."""
+    url, max_rows = settings.resolved_database_url(), settings.max_rows
     started = time.time()
     since = data.window_since(window, started)
     try:
@@ -226,13 +350,14 @@ def _live(url: str, window: str, filters: Filters, max_rows: int) -> None:
         log.warning("reading %s failed: %s", source.redact(url), exc)
         st.error(_read_error(url, exc))
         return
+    dead = _read_dead_letters(settings, since)
     try:
         shown = source.filter_snapshot(snapshot, filters)
-        _page(shown, window, since, started, max_points=max(100, max_rows // 4))
+        _page(shown, dead, View(window, since, started, filters, max(100, max_rows // 4)))
     except Exception as exc:  # a bad row must not take the page down: say so and go on
         log.exception("drawing the dashboard failed")
         st.error(f"Could not draw the records: {type(exc).__name__}: {exc}")
-    full = [name for name in source.SHOWN_TABLES if len(snapshot.frame(name)) >= max_rows]
+    full = [name for name in source.READ_TABLES if len(snapshot.frame(name)) >= max_rows]
     if full:
         st.caption(
             f"Showing only the latest {max_rows:,} rows of {', '.join(full)} in this window "
@@ -253,7 +378,7 @@ def main() -> None:
     url = settings.resolved_database_url()
     window, filters = _sidebar(settings, url)
     live = st.fragment(run_every=settings.refresh_s)(_live)
-    live(url, window, filters, settings.max_rows)
+    live(settings, window, filters)
 
 
 main()

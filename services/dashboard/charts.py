@@ -8,6 +8,7 @@ Functions here only build chart specs; drawing is the app's job.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import altair as alt
@@ -92,14 +93,31 @@ def oom_marks(ooms: pd.DataFrame, x: alt.X) -> alt.LayerChart:
     return alt.LayerChart(layer=[rules, points])
 
 
+def _y_scale(values: pd.Series) -> alt.Scale:
+    """Vega's own scale, but 0..1 when every value is 0 (no preemption yet, say): a flat
+    zero line would otherwise get a degenerate axis labelled "0.000000"."""
+    if pd.to_numeric(values, errors="coerce").fillna(0).abs().max() == 0:
+        return alt.Scale(domain=[0, 1])
+    return alt.Scale()
+
+
 def _lines(
-    frame: pd.DataFrame, value: str, title: str, color: str, dash: str | None, x: alt.X
+    frame: pd.DataFrame,
+    value: str,
+    title: str,
+    color: str,
+    dash: str | None,
+    x: alt.X,
+    extra: Sequence[alt.Tooltip] = (),
 ) -> alt.Chart:
-    """One line per ``color`` (and ``dash``) group; dashes in order of first appearance."""
+    """One line per ``color`` (and ``dash``) group; dashes in order of first appearance.
+
+    ``extra`` adds tooltip fields after the value (other columns of ``frame``).
+    """
     tooltip = [alt.Tooltip("time:T", format="%H:%M:%S"), alt.Tooltip(f"{color}:N")]
     encoding: dict[str, object] = {
         "x": x,
-        "y": alt.Y(f"{value}:Q", title=title),
+        "y": alt.Y(f"{value}:Q", title=title, scale=_y_scale(frame[value])),
         "color": alt.Color(f"{color}:N", title=None, scale=alt.Scale(scheme="tableau10")),
     }
     if dash:
@@ -107,7 +125,8 @@ def _lines(
         scale = alt.Scale(domain=order, range=DASHES[: len(order)])
         encoding["strokeDash"] = alt.StrokeDash(f"{dash}:N", title=None, scale=scale)
         tooltip.append(alt.Tooltip(f"{dash}:N"))
-    encoding["tooltip"] = [*tooltip, alt.Tooltip(f"{value}:Q", title=title, format=",.3~f")]
+    value_tip = alt.Tooltip(f"{value}:Q", title=title, format=",.3~f")
+    encoding["tooltip"] = [*tooltip, value_tip, *extra]
     return alt.Chart(frame).mark_line(point=len(frame) < 60).encode(**encoding)
 
 
@@ -118,11 +137,12 @@ def time_chart(
     color: str,
     timeline: Timeline,
     dash: str | None = None,
+    extra: Sequence[alt.Tooltip] = (),
 ) -> alt.LayerChart:
     """``value`` over time, one line per ``color`` (and ``dash``) group, with the event marks."""
     x = timeline.x()
     layers = [
-        _lines(frame, value, title, color, dash, x),
+        _lines(frame, value, title, color, dash, x, extra),
         decision_rules(timeline.decisions, x),
         oom_marks(timeline.ooms, x),
     ]

@@ -113,7 +113,8 @@ class Headline:
     """The numbers at the top of the page, over the filtered window.
 
     ``tokens_per_s`` sums each worker's latest cycle (total throughput now); batch
-    size, precision and settings version list the distinct values of the workers'
+    size (with the engine core: the most sequences running at once in the cycle's
+    window), precision and settings version list the distinct values of the workers'
     latest cycles, joined by "/" (one value when they agree; ``per_worker`` says
     which is whose); ``queue_depth`` is the most recent reading of any worker.
     """
@@ -154,7 +155,7 @@ def headline(cycles: pd.DataFrame, ooms: pd.DataFrame) -> Headline:
         queue_depth=None if pd.isna(last["queue_depth"]) else int(last["queue_depth"]),
         last_cycle_ts=float(last["ts"]),
         per_worker="; ".join(
-            f"{r.worker_id}: batch {r.batch_size}, {r.precision}, v{r.settings_version}"
+            f"{r.worker_id}: max running {r.batch_size}, {r.precision}, v{r.settings_version}"
             for r in latest.itertuples()
         ),
     )

@@ -19,8 +19,9 @@ from services.dashboard.data import Filters, apply_filters, to_frame
 from shared.db import TABLES, Records, open_records
 from shared.schemas import WorkerInfo
 
-# Tables drawn by the dashboard (``requests`` is not shown).
+# Tables drawn over time by the dashboard; ``requests`` is only counted (finish reasons).
 SHOWN_TABLES = ("cycles", "decisions", "oom_events", "telemetry")
+READ_TABLES = (*SHOWN_TABLES, "requests")
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,7 @@ class Snapshot:
     oom_events: pd.DataFrame
     telemetry: pd.DataFrame
     workers: list[WorkerInfo] = field(default_factory=list)
+    requests: pd.DataFrame = field(default_factory=lambda: _empty("requests"))
 
     @property
     def empty(self) -> bool:
@@ -43,10 +45,13 @@ class Snapshot:
         return frame
 
 
+def _empty(table: str) -> pd.DataFrame:
+    return to_frame([], TABLES[table].column_names)
+
+
 def empty_snapshot() -> Snapshot:
     """A snapshot with no rows (used before the database exists)."""
-    frames = {name: to_frame([], TABLES[name].column_names) for name in SHOWN_TABLES}
-    return Snapshot(**frames)
+    return Snapshot(**{name: _empty(name) for name in READ_TABLES})
 
 
 def sqlite_path(url: str) -> Path | None:
@@ -83,7 +88,7 @@ def load_snapshot(records: Records, since: float | None, max_rows: int) -> Snaps
     """The latest ``max_rows`` rows per table with ``ts >= since``, and every worker."""
     frames = {
         name: to_frame(records.fetch(name, since=since, limit=max_rows), TABLES[name].column_names)
-        for name in SHOWN_TABLES
+        for name in READ_TABLES
     }
     return Snapshot(**frames, workers=records.workers())
 
@@ -98,6 +103,12 @@ def filter_snapshot(snapshot: Snapshot, filters: Filters) -> Snapshot:
     if filters.workers and not filters.gpus:
         chosen = [w for w in snapshot.workers if w.worker_id in filters.workers]
         telemetry = _telemetry_of(telemetry, chosen)
+    # Requests carry no GPU: a GPU filter keeps the requests of the workers on those GPUs.
+    request_workers = filters.workers
+    if filters.gpus:
+        on_gpus = {w.worker_id for w in snapshot.workers if w.gpu_index in filters.gpus}
+        request_workers = tuple(sorted(on_gpus & set(filters.workers or on_gpus)))
+        request_workers = request_workers or ("",)  # no worker on those GPUs: no requests
     return Snapshot(
         cycles=apply_filters(snapshot.cycles, filters),
         decisions=apply_filters(snapshot.decisions, Filters(workers=filters.workers)),
@@ -106,6 +117,7 @@ def filter_snapshot(snapshot: Snapshot, filters: Filters) -> Snapshot:
         workers=[
             w for w in snapshot.workers if not filters.workers or w.worker_id in filters.workers
         ],
+        requests=apply_filters(snapshot.requests, Filters(workers=request_workers)),
     )
 
 

@@ -16,11 +16,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 from playwright.sync_api import Page, sync_playwright
 
 from shared.db import open_records
+from shared.keys import Keys
 from shared.schemas import CycleStats
-from tests.dashboard.seed import REASONS, seed
+from tests.dashboard.seed import DEAD_ERRORS, EXPECTED, REASONS, seed, seed_dead_letters
 from tests.processes import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -36,7 +38,21 @@ CHROMIUM_ARGS = [
     "--no-first-run",
     "--disable-quic",
 ]
-CHART_SECTIONS = ("tokens", "batch", "memory", "utilisation", "latency", "queue")
+CHART_SECTIONS = (
+    "tokens",
+    "running",
+    "kv",
+    "preemptions",
+    "ttft",
+    "itl",
+    "prefill",
+    "batch",
+    "memory",
+    "worker-memory",
+    "utilisation",
+    "latency",
+    "queue",
+)
 # Colours of the event marks (services/dashboard/charts.py).
 DECISION_STROKE = "#7f7f7f"
 OOM_STROKE = "#d62728"
@@ -67,10 +83,13 @@ def db_url(tmp_path: Path) -> str:
 
 
 @pytest.fixture
-def dashboard(tmp_path: Path, db_url: str) -> Iterator[str]:
+def dashboard(
+    tmp_path: Path, db_url: str, redis_client: redis.Redis, keys: Keys, aegis_env: dict[str, str]
+) -> Iterator[str]:
     """The dashboard served by a real ``streamlit run`` on a free port; its base URL."""
+    seed_dead_letters(redis_client, keys, time.time())
     port = free_port()
-    env = {**os.environ, "AEGIS_DATABASE_URL": db_url, "AEGIS_REFRESH_S": "1"}
+    env = {**os.environ, **aegis_env, "AEGIS_DATABASE_URL": db_url, "AEGIS_REFRESH_S": "1"}
     log = tmp_path / "streamlit.log"
     command = [
         sys.executable,
@@ -134,6 +153,9 @@ def assert_tables(page: Page) -> None:
         assert reason in text
     oom_text = page.locator('.st-key-section-ooms [data-testid="stDataFrame"] table').inner_text()
     assert "CUDA out of memory" in oom_text
+    letters = page.locator('.st-key-section-dead-letters [data-testid="stDataFrame"] table')
+    letters_text = letters.inner_text()
+    assert all(error in letters_text for error in DEAD_ERRORS.values())
 
 
 def metric_value(page: Page, label: str) -> str:
@@ -150,13 +172,14 @@ def test_dashboard_in_chromium(dashboard: str, db_url: str) -> None:
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1750})
+            page = browser.new_page(viewport={"width": 1400, "height": 3300})
             page.goto(dashboard, wait_until="domcontentloaded")
             assert_charts(page)
             assert_tables(page)
             banner = page.locator('[data-testid="stAlert"]').filter(has_text="random weights")
             assert "w1" in banner.inner_text()
-            assert metric_value(page, "Tokens/s now") == "200.5"
+            for label in ("Tokens/s now", "KV cache used", "Running / waiting", "Dead letters"):
+                assert metric_value(page, label) == EXPECTED[label], label
             page.wait_for_timeout(500)  # let the canvases finish painting
             page.screenshot(path=str(SCREENSHOT), full_page=True)
             # Live refresh: a new cycle shows up without reloading the page.

@@ -129,7 +129,7 @@ def test_headline_sums_latest_throughput_and_lists_settings() -> None:
     assert head.batch_size == "16/4"
     assert head.precision == "bf16/fp16"
     assert head.settings_version == "2/1"
-    assert head.per_worker == "w1: batch 16, bf16, v2; w2: batch 4, fp16, v1"
+    assert head.per_worker == "w1: max running 16, bf16, v2; w2: max running 4, fp16, v1"
     assert head.queue_depth == 7
     assert head.oom_count == 1
     assert head.last_cycle_ts == T0 + 2

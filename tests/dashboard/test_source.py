@@ -61,6 +61,12 @@ def test_snapshot_window_and_filters(tmp_path: Path) -> None:
     gpu0 = source.filter_snapshot(snapshot, Filters(gpus=(0,)))
     assert set(gpu0.cycles["worker_id"]) == {"w1"} and set(gpu0.telemetry["gpu_index"]) == {0}
     assert len(gpu0.decisions) == 3  # decisions carry no GPU: only a worker filter applies
+    assert len(snapshot.requests) == 9 and len(everything.requests) == 10
+    assert set(w2.requests["worker_id"]) == {"w2"} and len(w2.requests) == 4
+    # Requests carry no GPU: the GPU filter keeps those of the worker on that GPU.
+    assert set(gpu0.requests["worker_id"]) == {"w1"} and len(gpu0.requests) == 5
+    nobody = source.filter_snapshot(snapshot, Filters(workers=("w2",), gpus=(0,)))
+    assert nobody.requests.empty
 
 
 def test_module_command_uses_settings(monkeypatch) -> None:
