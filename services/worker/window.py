@@ -44,6 +44,10 @@ class StepWindow:
     decode_tokens: int = 0
     preemptions: int = 0
     most_running: int = 0
+    longest_prompt: int = 0
+    longest_budget: int = 0
+    prompt_sum: float = 0.0  # of the steps' mean running prompt lengths
+    shaped_steps: int = 0
     ttft: list[float] = field(default_factory=list)
     itl: list[float] = field(default_factory=list)
     finished: list[tuple[RequestOutcome, GenerationRequest]] = field(default_factory=list)
@@ -59,6 +63,11 @@ class StepWindow:
         self.decode_tokens += s.decode_tokens
         self.preemptions += s.preemptions
         self.most_running = max(self.most_running, s.running)
+        if s.running:
+            self.longest_prompt = max(self.longest_prompt, s.max_prompt_len)
+            self.longest_budget = max(self.longest_budget, s.max_new_tokens)
+            self.prompt_sum += s.mean_prompt_len
+            self.shaped_steps += 1
         self.ttft += s.ttft_s
         self.itl += s.itl_s
         self.finished += [(o, requests[o.request_id]) for o in out.finished]
@@ -75,6 +84,11 @@ class StepWindow:
         self.__init__(interval_s=self.interval_s)  # type: ignore[misc]
         return cycle
 
+    def _mean_prompt(self, done: list[GenerationRequest]) -> float:
+        if self.shaped_steps:
+            return self.prompt_sum / self.shaped_steps
+        return sum(r.prompt_len for r in done) / len(done) if done else 0.0
+
     def _record(self, core: CoreStats, ctx: WindowContext, elapsed: float) -> CycleStats:
         done = [r for _, r in self.finished]
         e2e = sorted(max(0.0, o.finished_at - r.enqueued_at) for o, r in self.finished)
@@ -86,9 +100,11 @@ class StepWindow:
             settings_version=ctx.settings.version,
             settings_reason=ctx.settings.reason,
             batch_size=self.most_running,
-            max_prompt_len=max((r.prompt_len for r in done), default=0),
-            mean_prompt_len=sum(r.prompt_len for r in done) / len(done) if done else 0.0,
-            max_new_tokens=max((r.params.max_tokens for r in done), default=0),
+            # The sequences that ran in the window (as a batch's shape was), else those
+            # that finished in it.
+            max_prompt_len=max(self.longest_prompt, *(r.prompt_len for r in done), 0),
+            mean_prompt_len=self._mean_prompt(done),
+            max_new_tokens=max(self.longest_budget, *(r.params.max_tokens for r in done), 0),
             precision=core.precision,
             max_seq_len=core.limits.max_seq_len,
             tokens_generated=self.tokens,

@@ -84,6 +84,10 @@ class StepStats:
     ttft_s: list[float] = field(default_factory=list)
     itl_s: list[float] = field(default_factory=list)
     oom: OomInfo | None = None
+    # The running set's shape after the step: what the batch engine's "batch" was.
+    max_prompt_len: int = 0
+    mean_prompt_len: float = 0.0
+    max_new_tokens: int = 0
 
 
 @dataclass
@@ -345,6 +349,12 @@ class EngineCore:
         return outcomes
 
     def _fill_gauges(self, stats: StepStats) -> None:
+        running = self.scheduler.running
+        if running:
+            prompts = [len(s.prompt_ids) for s in running]
+            stats.max_prompt_len = max(prompts)
+            stats.mean_prompt_len = sum(prompts) / len(prompts)
+            stats.max_new_tokens = max(s.max_tokens for s in running)
         stats.running = len(self.scheduler.running)
         stats.waiting = len(self.scheduler.waiting)
         stats.kv_blocks_used = self.scheduler.pool.num_used
