@@ -8,8 +8,10 @@ import sys
 
 import redis
 
+from services.worker.batch_core import BatchEngineCore
 from services.worker.config import WorkerSettings
-from services.worker.core.engine import CoreConfig, EngineCore
+from services.worker.core.engine import CoreConfig, EngineCore, EngineUnsupported
+from services.worker.loop import ServingCore
 from services.worker.metrics import WorkerMetrics
 from services.worker.model import LoadedModel, load_model, resolve_device, resolve_precision
 from services.worker.oom import OomInjector
@@ -56,8 +58,9 @@ def main() -> int:
     return 0
 
 
-def build_core(loaded: LoadedModel, settings: WorkerSettings) -> EngineCore:
-    """The engine core on the loaded model, configured from the worker's settings."""
+def build_core(loaded: LoadedModel, settings: WorkerSettings) -> ServingCore:
+    """The engine core on the loaded model, configured from the worker's settings; the
+    batch engine for an architecture the core's runner does not cover (said loudly)."""
     config = CoreConfig(
         block_size=settings.block_size,
         max_num_seqs=settings.batch_size,
@@ -72,7 +75,13 @@ def build_core(loaded: LoadedModel, settings: WorkerSettings) -> EngineCore:
     fault = None
     if settings.inject_oom_above_tokens:
         fault = OomInjector(max_tokens=settings.inject_oom_above_tokens)
-    return EngineCore(loaded, config, fault=fault)
+    try:
+        return EngineCore(loaded, config, fault=fault)
+    except EngineUnsupported as exc:
+        log.warning("!!! the engine core does not run %s (%s): serving whole batches through "
+                    "HF generate instead (slower; streamed text arrives per batch)",
+                    loaded.name, exc)  # fmt: skip
+        return BatchEngineCore(loaded, config, fault=fault)
 
 
 if __name__ == "__main__":

@@ -10,14 +10,50 @@ part that differs: Redis streams in the worker, in-memory lists in the benchmark
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Protocol
 
-from services.worker.core.engine import EngineCore, StepOutput
+from services.worker.core.engine import CoreStats, StepOutput
+from services.worker.core.scheduler import Limits
 from services.worker.precision import PrecisionUnavailable
 from services.worker.window import StepWindow
-from shared.schemas import ControlSettings, GenerationRequest
+from shared.schemas import ControlSettings, GenerationRequest, Precision
 
 log = logging.getLogger(__name__)
+
+
+class ServingCore(Protocol):
+    """What the loop needs of an engine: the paged core (:class:`~services.worker.core.
+    engine.EngineCore`) or the batch fallback (:class:`~services.worker.batch_core.
+    BatchEngineCore`)."""
+
+    limits: Limits
+
+    @property
+    def has_work(self) -> bool: ...
+
+    @property
+    def precision(self) -> Precision: ...
+
+    def free_slots(self) -> int: ...
+
+    def add(self, request: GenerationRequest) -> None: ...
+
+    def abort(self, request_id: str) -> bool: ...
+
+    def step(self) -> StepOutput: ...
+
+    def apply(self, settings: ControlSettings) -> list[str]: ...
+
+    def stats(self) -> CoreStats: ...
+
+    def unfinished_ids(self) -> Sequence[str]: ...
+
+    def take_unstarted(self) -> list[str]: ...
+
+    def take_precision_saved(self) -> int | None: ...
+
+    def warm_up(self) -> int: ...
 
 
 class LoopIO(Protocol):
@@ -47,7 +83,7 @@ class LoopIO(Protocol):
 class ServingLoop:
     """The core plus its I/O; :meth:`iterate` is one step of the serving loop."""
 
-    def __init__(self, core: EngineCore, io: LoopIO, record_interval_s: float = 1.0) -> None:
+    def __init__(self, core: ServingCore, io: LoopIO, record_interval_s: float = 1.0) -> None:
         self.core = core
         self.io = io
         self.window = StepWindow(interval_s=record_interval_s)

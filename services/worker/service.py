@@ -26,8 +26,8 @@ import time
 import redis
 
 from services.worker.config import WorkerSettings
-from services.worker.core.engine import EngineCore, StepOutput
-from services.worker.loop import ServingLoop
+from services.worker.core.engine import StepOutput
+from services.worker.loop import ServingCore, ServingLoop
 from services.worker.metrics import WorkerMetrics
 from services.worker.model import LoadedModel, model_info
 from services.worker.stats import gpu_index
@@ -59,7 +59,7 @@ class Worker:
         client: redis.Redis,
         writer: RecordWriter,
         loaded: LoadedModel,
-        core: EngineCore,
+        core: ServingCore,
         metrics: WorkerMetrics | None = None,
     ) -> None:
         self.settings = settings
