@@ -218,9 +218,10 @@ class EngineCore:
                 else:
                     sampled = self._execute(plan)
             except Exception as exc:
-                if not is_oom(exc):
-                    raise
-                stats.oom = self._recover_from_oom(plan, str(exc)[:300], finished)
+                if is_oom(exc):
+                    stats.oom = self._recover_from_oom(plan, str(exc)[:300], finished)
+                else:
+                    self._isolate_failure(plan, exc, stats, finished, deltas)
             else:
                 if steps > 1:
                     self._account_steps(plan, tokens, stats, finished, deltas)
@@ -312,9 +313,9 @@ class EngineCore:
                 delta = chunk.seq.row.take_delta()
                 if delta is not None:
                     deltas.append(delta)
-        stats.decode_tokens = sum(c.length for c in plan.decodes)
-        stats.prefill_tokens = sum(c.length for c in plan.prefills)
-        stats.sampled = len(sampled)
+        stats.decode_tokens += sum(c.length for c in plan.decodes)
+        stats.prefill_tokens += sum(c.length for c in plan.prefills)
+        stats.sampled += len(sampled)
         self._relax_oom_cap()
 
     def _take_token(self, seq: Sequence, token: int, stamp: float, stats: StepStats) -> None:
@@ -359,6 +360,35 @@ class EngineCore:
         stats.waiting = len(self.scheduler.waiting)
         stats.kv_blocks_used = self.scheduler.pool.num_used
         stats.kv_blocks_total = self.scheduler.pool.num_blocks
+
+    # -- failures -------------------------------------------------------------------------
+
+    def _isolate_failure(
+        self,
+        plan: StepPlan,
+        exc: Exception,
+        stats: StepStats,
+        finished: list[RequestOutcome],
+        deltas: list[TokenDelta],
+    ) -> None:
+        """A step failed (not for memory): run each sequence's part alone, so the one
+        that fails gets an error and every other goes on; the process stays up."""
+        log.exception("a step of %d sequences failed; running each alone", len(plan.chunks))
+        for chunk in plan.chunks:
+            alone = StepPlan()
+            alone.decodes.append(chunk) if chunk.length == 1 else alone.prefills.append(chunk)
+            try:
+                sampled = self._execute(alone)
+            except Exception as single:
+                if is_oom(single):
+                    raise
+                self.scheduler.finish(chunk.seq)
+                chunk.seq.row.fail(f"the engine failed on this request: {single!r}"[:500], now())
+                finished.append(chunk.seq.row.outcome())
+                log.error("request %s failed alone: %r (step error was %r)",
+                          chunk.seq.request_id, single, exc)  # fmt: skip
+                continue
+            self._account(alone, sampled, stats, finished, deltas)
 
     # -- out of memory --------------------------------------------------------------------
 

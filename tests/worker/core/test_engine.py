@@ -273,3 +273,25 @@ def test_decode_steps_ahead_change_nothing_but_the_number_of_steps(fp32: LoadedM
     assert {rid: runs[7][0][rid] for rid in expected} == expected
     assert runs[7][0] == runs[1][0]  # seeded sampling too: same text, any step grouping
     assert runs[7][1] < runs[1][1] / 2  # far fewer host round trips
+
+
+def test_a_request_that_breaks_a_step_fails_alone_and_the_others_go_on(
+    fp32: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    requests = make_requests(6, seed=31)
+    poison = requests[2].model_copy(update={"id": "poison"})
+    requests[2] = poison
+    expected = reference(fp32, [r for r in requests if r.id != "poison"])
+    core = EngineCore(fp32, config(decode_steps=1))
+    real_execute = core.runner.execute
+
+    def execute(plan, sampling):  # type: ignore[no-untyped-def]
+        if any(c.seq.request_id == "poison" for c in plan.chunks):
+            raise ValueError("Overflow when unpacking long long")
+        return real_execute(plan, sampling)
+
+    monkeypatch.setattr(core.runner, "execute", execute)
+    done, _ = drive(core, requests, joins_per_step=6)
+    assert done["poison"].finish_reason == "error" and "Overflow" in str(done["poison"].error)
+    assert {rid: o.text for rid, o in done.items() if rid != "poison"} == expected
+    assert core.stats().kv_blocks_used == 0 and not core.has_work
