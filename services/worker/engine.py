@@ -1,9 +1,9 @@
-"""The inference engine: a batch of requests in, one outcome per request out.
+"""The batch-at-a-time engine: a batch of requests in, one outcome per request out.
 
-:class:`Engine` is the contract the worker loop depends on; :class:`HFGenerateEngine`
-implements it with Hugging Face ``generate`` on static batches (left padding,
-attention masks). A faster engine (continuous batching, CUDA graphs) replaces it by
-implementing ``run`` and ``forget`` (``fail`` and ``set_precision`` have defaults).
+AEGIS's first engine, kept as the benchmark's peer and, behind
+:class:`~services.worker.batch_core.BatchEngineCore`, as the fallback for architectures
+the engine core (:mod:`services.worker.core`) does not run. :class:`HFGenerateEngine`
+runs Hugging Face ``generate`` on static batches (left padding, attention masks).
 
 Per request, in one batch: its own ``max_tokens``, temperature (0 = greedy), top-p,
 seed and stop strings. A row stops at EOS or a stop string (``finish_reason='stop'``;
