@@ -49,6 +49,8 @@ from shared.schemas import (
 
 log = logging.getLogger(__name__)
 
+REDIS_RETRY_MAX_S = 5.0
+
 
 class Worker:
     """Serves requests from the stream until :meth:`stop` is called."""
@@ -84,6 +86,7 @@ class Worker:
         self._settings_read_at = 0.0
         self._stop = threading.Event()
         self._held_lock = threading.Lock()
+        self._redis_failures = 0
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -97,7 +100,7 @@ class Worker:
         beat.start()
         try:
             while not self._stop.is_set():
-                self.loop.iterate()
+                self._iterate()
             self._drain()
         finally:
             self._hand_back(list(self.held))
@@ -138,6 +141,18 @@ class Worker:
                 self.queue.refresh_claims(held)
             except redis.RedisError as exc:
                 log.warning("heartbeat failed: %s", exc)
+
+    def _iterate(self) -> None:
+        """One loop iteration; a Redis error is recoverable (the model stays loaded, the
+        running requests stay in the core), anything else ends the process."""
+        try:
+            self.loop.iterate()
+            self._redis_failures = 0
+        except redis.RedisError as exc:
+            self._redis_failures += 1
+            wait = min(REDIS_RETRY_MAX_S, 0.1 * 2**self._redis_failures)
+            log.warning("Redis error (%s): retrying in %.1f s", exc, wait)
+            self._stop.wait(wait)
 
     def _drain(self) -> None:
         """On stop: hand back what never ran, let the running finish for a while."""

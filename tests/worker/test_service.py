@@ -222,3 +222,29 @@ def test_stop_hands_back_what_never_ran_and_finishes_the_rest(make_worker, redis
     assert pending == 2  # handed back: immediately reclaimable by another worker
     other, _ = make_worker("w-other", visibility_timeout_s=0.001)
     run_until(other, answered(redis_client, keys, ids))
+
+
+def test_a_redis_error_is_retried_without_losing_the_running_requests(
+    make_worker, redis_client, keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    worker, _ = make_worker()
+    ids = _submit(redis_client, keys, 2, max_tokens=12)
+    worker.loop.iterate()
+    failures = iter([True, True])
+    real = worker.queue.cancelled
+
+    def flaky(request_ids: list[str]) -> set[str]:
+        if next(failures, False):
+            raise redis.ConnectionError("Connection refused")
+        return real(request_ids)
+
+    monkeypatch.setattr(worker.queue, "cancelled", flaky)
+    worker._iterate()
+    worker._iterate()
+    assert worker.core.stats().running == 2  # still held by the core, nothing lost
+    for _ in range(MAX_ITERATIONS):
+        if answered(redis_client, keys, ids)():
+            break
+        worker._iterate()
+    results = [WorkerQueue(redis_client, keys, "c").wait_result(i, timeout_s=1) for i in ids]
+    assert all(r is not None and r.completion_tokens == 12 for r in results)
