@@ -30,6 +30,16 @@ class BlockPool:
         self._free: deque[int] = deque(range(num_blocks))
         self._used: set[int] = set()
 
+    @classmethod
+    def holding(cls, num_blocks: int, block_size: int, used: set[int]) -> BlockPool:
+        """A pool of ``num_blocks`` blocks of which ``used`` are handed out already."""
+        if any(not 0 <= b < num_blocks for b in used):
+            raise BlockPoolError(f"blocks in use beyond a pool of {num_blocks}")
+        pool = cls(num_blocks, block_size)
+        pool._free = deque(b for b in range(num_blocks) if b not in used)
+        pool._used = set(used)
+        return pool
+
     @property
     def num_free(self) -> int:
         return len(self._free)
@@ -69,3 +79,14 @@ class BlockPool:
             return False
         table.extend(self.allocate(missing))
         return True
+
+
+def compaction(tables: list[list[int]], num_blocks: int) -> dict[int, int] | None:
+    """Moves that bring every block of ``tables`` below ``num_blocks`` (a smaller pool):
+    ``{old id: new id}`` for the blocks at or above it, each to a free id below it; the
+    others stay. None when the tables hold more than ``num_blocks`` blocks."""
+    used = {b for table in tables for b in table}
+    if len(used) > num_blocks:
+        return None
+    free = iter(sorted(set(range(num_blocks)) - used))
+    return {b: next(free) for b in sorted(used) if b >= num_blocks}

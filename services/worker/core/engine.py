@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from services.worker.core.blocks import BlockPool, blocks_for
+from services.worker.core.blocks import BlockPool, blocks_for, compaction
 from services.worker.core.llama import LlamaWeights, unsupported_reason
 from services.worker.core.runner import MemoryPlan, ModelRunner, RunnerConfig
 from services.worker.core.sampling import SamplingBatch
@@ -115,6 +115,22 @@ class CoreStats:
     @property
     def kv_usage(self) -> float:
         return self.kv_blocks_used / self.kv_blocks_total if self.kv_blocks_total else 0.0
+
+
+@dataclass(frozen=True)
+class ResizeReport:
+    """What a live resize of the KV pool did."""
+
+    blocks_before: int
+    blocks_after: int
+    blocks_moved: int
+    preempted: int
+    resize_s: float
+    seconds: float
+
+    def __str__(self) -> str:
+        return (f"{self.blocks_before} -> {self.blocks_after} blocks, {self.blocks_moved} "
+                f"moved, {self.preempted} preempted, {1000 * self.seconds:.0f} ms")  # fmt: skip
 
 
 class EngineCore:
@@ -442,8 +458,7 @@ class EngineCore:
         """Apply the agent's settings between steps; what changed, for the log."""
         changes = self._apply_precision(settings.precision)
         if settings.kv_budget_bytes != self.kv_budget_bytes:
-            self._reallocate(settings.kv_budget_bytes)
-            changes.append(f"KV budget {settings.kv_budget_bytes or 'auto'}")
+            changes.append(self._change_budget(settings.kv_budget_bytes))
         limits = Limits(
             max_num_seqs=settings.batch_size,
             max_batched_tokens=settings.max_batched_tokens or self.config.max_batched_tokens,
@@ -467,11 +482,43 @@ class EngineCore:
         return [f"precision {change.before} -> {change.after} ({preempted} preempted, "
                 f"{change.describe()})"]  # fmt: skip
 
-    def _reallocate(self, budget: int) -> None:
-        self.scheduler.preempt_all()
-        self.kv_budget_bytes = budget
-        self.runner.allocate(budget)
-        self.scheduler.pool = self._new_pool()
+    def _change_budget(self, budget: int) -> str:
+        if budget == 0:  # "what the device can spare": profile again from scratch
+            self.scheduler.preempt_all()
+            self.runner.allocate(0)
+            self.scheduler.pool = self._new_pool()
+            self.kv_budget_bytes = 0
+            return "KV budget auto (re-profiled)"
+        report = self.resize_kv(budget)
+        return f"KV budget {budget} B: {report}"
+
+    def resize_kv(self, budget_bytes: int) -> ResizeReport:
+        """Make the KV pool ``budget_bytes`` big, live: the running sequences keep their
+        cache (blocks above the new size move down); only when they hold more than the new
+        pool do the newest get preempted. Memory goes back to the driver layer by layer."""
+        started = time.perf_counter()
+        room = self.runner.room_for_kv_bytes()
+        if room is not None:
+            budget_bytes = min(budget_bytes, room)
+        block_bytes = self.runner.block_size * self.runner.kv_bytes_per_token
+        blocks = max(1, budget_bytes // block_bytes)
+        old = self.scheduler.pool.num_blocks
+        preempted = 0
+        while self.scheduler.pool.num_used > blocks - self.scheduler.reserve_blocks():
+            if not self.scheduler.running:
+                break
+            preempted += self.scheduler.preempt_newest(1)
+        tables = [s.block_table for s in self.scheduler.running]
+        moves = compaction(tables, blocks) or {}
+        for table in tables:
+            table[:] = [moves.get(b, b) for b in table]
+        used = {b for table in tables for b in table}
+        kept = sorted(used - set(moves.values()))
+        graphs_s = self.runner.resize(blocks, moves, kept)
+        self.scheduler.pool = BlockPool.holding(blocks, self.runner.block_size, used)
+        self.kv_budget_bytes = budget_bytes
+        return ResizeReport(old, blocks, len(moves), preempted, graphs_s,
+                            time.perf_counter() - started)  # fmt: skip
 
     def _new_runner(self, budget: int) -> ModelRunner:
         cfg = self.config

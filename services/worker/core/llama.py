@@ -182,33 +182,54 @@ def _rope_table(
 
 @dataclass
 class KVCache:
-    """Keys and values of every layer: ``[layers, num_blocks + 1, block_size, Hkv, D]``."""
+    """Keys and values, one tensor per layer: ``[num_blocks + 1, block_size, Hkv, D]``.
 
-    keys: torch.Tensor
-    values: torch.Tensor
+    Per-layer tensors let the pool be resized a layer at a time (:meth:`resized`), so a
+    resize needs at most one layer's worth of memory beyond the old and new pools' sizes.
+    """
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
 
     @classmethod
     def allocate(
         cls, shape: ModelShape, num_blocks: int, block_size: int, dtype: torch.dtype, device: Any
     ) -> KVCache:
-        dims = (shape.num_layers, num_blocks + 1, block_size, shape.num_kv_heads, shape.head_dim)
+        dims = (num_blocks + 1, block_size, shape.num_kv_heads, shape.head_dim)
+        layers = range(shape.num_layers)
         return cls(
-            torch.zeros(dims, dtype=dtype, device=device),
-            torch.zeros(dims, dtype=dtype, device=device),
+            [torch.zeros(dims, dtype=dtype, device=device) for _ in layers],
+            [torch.zeros(dims, dtype=dtype, device=device) for _ in layers],
         )
 
     @property
     def block_size(self) -> int:
-        return int(self.keys.shape[2])
+        return int(self.keys[0].shape[1])
 
     @property
     def scratch_block(self) -> int:
         """The block padding rows write to (never handed out by the pool)."""
-        return int(self.keys.shape[1]) - 1
+        return int(self.keys[0].shape[0]) - 1
 
     @property
     def nbytes(self) -> int:
-        return self.keys.nbytes + self.values.nbytes
+        return sum(t.nbytes for t in [*self.keys, *self.values])
+
+    def resize(self, num_blocks: int, moves: dict[int, int], kept: list[int]) -> None:
+        """Make the pool ``num_blocks`` blocks, in place, layer by layer: the ``kept``
+        blocks keep their ids, block ``old`` of ``moves`` becomes block ``new``."""
+        device = self.keys[0].device
+        sources = torch.tensor(kept + list(moves), dtype=torch.long, device=device)
+        targets = torch.tensor(kept + list(moves.values()), dtype=torch.long, device=device)
+        for tensors in (self.keys, self.values):
+            for i, old in enumerate(tensors):
+                new = old.new_zeros((num_blocks + 1, *old.shape[1:]))
+                if len(sources):
+                    new.index_copy_(0, targets, old.index_select(0, sources))
+                tensors[i] = new
+                del old  # the old layer goes back before the next one is made
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
 
 
 class Attention(Protocol):

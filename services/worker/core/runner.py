@@ -136,6 +136,27 @@ class ModelRunner:
         )  # fmt: skip
         return self.memory
 
+    def resize(self, num_blocks: int, moves: dict[int, int], kept: list[int]) -> float:
+        """Resize the KV pool in place (see ``KVCache.resize``), dropping the graphs that
+        pointed into it (they are captured again as needed); the seconds it took."""
+        assert self.cache is not None and self.memory is not None
+        started = time.perf_counter()
+        self._graphs.clear()
+        self._graph_pool = None
+        self.cache.resize(num_blocks, moves, kept)
+        if self.on_cuda:
+            torch.cuda.synchronize(self.device)
+        self.memory.num_blocks = num_blocks
+        self.memory.kv_bytes = num_blocks * self.block_size * self.kv_bytes_per_token
+        return time.perf_counter() - started
+
+    def room_for_kv_bytes(self) -> int | None:
+        """The largest pool the device could hold now (None on CPU: no bound known)."""
+        if not self.on_cuda or self.cache is None or self.memory is None:
+            return None
+        free, _ = torch.cuda.mem_get_info(self.device)
+        return int(free) + self.cache.nbytes - self.memory.activation_peak
+
     def release_cache(self) -> None:
         """Drop the cache and the graphs that point into it, and hand memory back."""
         self._graphs.clear()

@@ -181,7 +181,7 @@ class Scheduler:
         return max(0, min(want, capacity - seq.num_computed))
 
     def _admit(self, budget: int, plan: StepPlan) -> int:
-        reserve = self._reserve()
+        reserve = self.reserve_blocks()
         for seq in list(self.waiting):
             if budget <= 0 or len(self.running) >= self.limits.max_num_seqs:
                 break
@@ -199,7 +199,7 @@ class Scheduler:
             budget -= length
         return budget
 
-    def _reserve(self) -> int:
+    def reserve_blocks(self) -> int:
         """Blocks kept free at admission so running sequences can grow a while."""
         return min(len(self.running), max(1, self.pool.num_blocks // 100))
 

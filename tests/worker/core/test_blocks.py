@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from services.worker.core.blocks import BlockPool, BlockPoolError, blocks_for
+from services.worker.core.blocks import BlockPool, BlockPoolError, blocks_for, compaction
 
 
 def test_blocks_for_rounds_up() -> None:
@@ -50,3 +50,30 @@ def test_grow_table_takes_only_the_missing_blocks() -> None:
     assert pool.grow_table(table, 16) and len(table) == 2
     assert pool.grow_table(table, 17) and len(table) == 3
     assert not pool.grow_table(table, 40) and len(table) == 3  # unchanged when short
+
+
+@given(
+    st.lists(st.lists(st.integers(0, 63), max_size=6), max_size=8),
+    st.integers(1, 64),
+)
+def test_compaction_brings_every_block_below_the_new_size(
+    raw: list[list[int]], new_size: int
+) -> None:
+    seen: set[int] = set()
+    tables = []
+    for table in raw:  # disjoint tables, as the pool hands them out
+        table = [b for b in dict.fromkeys(table) if b not in seen]
+        seen.update(table)
+        tables.append(table)
+    moves = compaction(tables, new_size)
+    if len(seen) > new_size:
+        assert moves is None
+        return
+    assert moves is not None
+    moved = [[moves.get(b, b) for b in table] for table in tables]
+    flat = [b for table in moved for b in table]
+    assert all(0 <= b < new_size for b in flat) and len(flat) == len(set(flat))
+    assert all(old >= new_size > new for old, new in moves.items())
+    pool = BlockPool.holding(new_size, 4, set(flat))
+    assert pool.num_used == len(flat) and pool.num_free == new_size - len(flat)
+    assert not set(pool.allocate(pool.num_free)) & set(flat)

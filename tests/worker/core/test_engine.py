@@ -295,3 +295,39 @@ def test_a_request_that_breaks_a_step_fails_alone_and_the_others_go_on(
     assert done["poison"].finish_reason == "error" and "Overflow" in str(done["poison"].error)
     assert {rid: o.text for rid, o in done.items() if rid != "poison"} == expected
     assert core.stats().kv_blocks_used == 0 and not core.has_work
+
+
+def test_the_kv_pool_shrinks_and_grows_live_without_losing_a_request(fp32: LoadedModel) -> None:
+    requests = make_requests(12, seed=41)
+    expected = reference(fp32, requests)
+    core = EngineCore(fp32, config(blocks=200, max_num_seqs=8, decode_steps=2))
+    reports = []
+
+    def resize(step: int) -> None:
+        used = core.stats().kv_blocks_used
+        if step == 4:  # smaller, still holding every running sequence's blocks
+            reports.append(core.resize_kv((used + 10) * KV_BYTES_PER_BLOCK_OF_4))
+        elif step == 9:  # smaller than what the running sequences hold: some wait
+            reports.append(core.resize_kv(max(8, used // 2) * KV_BYTES_PER_BLOCK_OF_4))
+        elif step == 14:
+            reports.append(core.resize_kv(300 * KV_BYTES_PER_BLOCK_OF_4))
+
+    done, _ = drive(core, requests, joins_per_step=3, on_step=resize)
+    assert {rid: o.text for rid, o in done.items()} == expected
+    first, second, third = reports
+    assert first.blocks_after < first.blocks_before and first.preempted == 0
+    assert second.preempted > 0 and third.blocks_after == 300
+    assert core.stats().kv_blocks_total == 300 and core.stats().kv_blocks_used == 0
+    assert core.runner.cache is not None and core.runner.cache.scratch_block == 300
+
+
+def test_a_kv_budget_setting_resizes_the_pool_in_place(fp32: LoadedModel) -> None:
+    core = EngineCore(fp32, config(blocks=100))
+    core.add(make_requests(1, seed=5)[0])
+    core.step()
+    held = core.stats().kv_blocks_used
+    settings = ControlSettings(batch_size=6, max_seq_len=512, precision="fp32",
+                               kv_budget_bytes=40 * KV_BYTES_PER_BLOCK_OF_4)  # fmt: skip
+    assert any("100 -> 40 blocks" in change for change in core.apply(settings))
+    assert core.stats().kv_blocks_total == 40 and core.stats().kv_blocks_used == held
+    assert core.stats().running == 1  # kept running through the resize
