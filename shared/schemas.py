@@ -232,6 +232,7 @@ class DecisionAction(StrEnum):
     PRECISION = "precision"
     CAP_SEQ = "cap_seq"
     RELAX_SEQ = "relax_seq"
+    KV_BUDGET = "kv_budget"
 
 
 class Decision(_Wire):

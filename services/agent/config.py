@@ -66,6 +66,9 @@ class AgentSettings(CommonSettings):
     long_seq_cycles: int = Field(default=3, ge=1)
     seq_relax_s: float = Field(default=60.0, ge=0)
     window_cycles: int = Field(default=20, ge=2)
+    kv_target_fraction: float = Field(default=0.90, gt=0, lt=1)
+    kv_resize_min: float = Field(default=0.10, gt=0, lt=1)
+    min_kv_bytes: int = Field(default=256 << 20, ge=0)
 
     @model_validator(mode="after")
     def _consistent(self) -> AgentSettings:

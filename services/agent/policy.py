@@ -46,7 +46,7 @@ from services.agent.state import (
     memory_view,
     pct,
 )
-from shared.schemas import CycleStats, DecisionAction
+from shared.schemas import ControlSettings, CycleStats, DecisionAction
 
 __all__ = [
     "AgentPolicy",
@@ -88,6 +88,7 @@ class AgentPolicy:
         ctx = self._context(state, obs)
         rules = (
             lambda: self._on_oom(state, obs, ctx),
+            lambda: self._kv_budget(state, ctx),
             lambda: self._over_budget(state, ctx),
             lambda: self._over_watermark(state, ctx),
             lambda: self._long_sequences(state, ctx),
@@ -248,11 +249,7 @@ class AgentPolicy:
                 "updated_at": ctx.now,
             }
         )
-        if (after.batch_size, after.max_seq_len, after.precision) == (
-            before.batch_size,
-            before.max_seq_len,
-            before.precision,
-        ):
+        if _knobs(after) == _knobs(before):
             return None
         return PolicyDecision(action, reason, before, after, dict(ctx.inputs))
 
@@ -260,6 +257,31 @@ class AgentPolicy:
         return max(self.config.min_batch, min(self.config.max_batch, batch))
 
     # -- rules ------------------------------------------------------------------------
+
+    def _kv_budget(self, state: WorkerControlState, ctx: _Context) -> PolicyDecision | None:
+        """Size the engine core's KV pool to the room other processes leave: shrink at
+        once when a neighbour takes memory, grow back (after the grow cooldown) when it
+        frees it. Only for a worker that reports a pool, on a GPU the monitor sees."""
+        last = state.recent[-1] if state.recent else None
+        mem, cfg = ctx.memory, self.config
+        if last is None or not last.kv_pool_bytes or not last.kv_blocks_total or mem is None:
+            return None
+        block_bytes = last.kv_pool_bytes / last.kv_blocks_total
+        fixed = (last.memory_peak_bytes or 0) - last.kv_blocks_used * block_bytes
+        usable = mem.total_bytes - mem.other_bytes
+        target = int(max(cfg.min_kv_bytes, usable * cfg.kv_target_fraction - fixed))
+        current = state.settings.kv_budget_bytes or last.kv_pool_bytes
+        change = target / current - 1
+        growing = change > cfg.kv_resize_min
+        if not (change < -cfg.kv_resize_min or (growing and self._cooled(state, ctx.now, True))):
+            return None
+        ctx.inputs.update(kv_pool_bytes=current, kv_target_bytes=target, fixed_bytes=int(fixed))
+        why = (
+            f"KV pool {_gib(current)} -> {_gib(target)} GiB: other processes hold "
+            f"{_gib(mem.other_bytes)} of {_gib(mem.total_bytes)} GiB, the worker's weights "
+            f"and activations {_gib(fixed)}"
+        )
+        return self._change(state, ctx, DecisionAction.KV_BUDGET, why, kv_budget_bytes=target)
 
     def _on_oom(
         self, state: WorkerControlState, obs: Observation, ctx: _Context
@@ -501,3 +523,13 @@ class AgentPolicy:
         if ctx.pressure is not None:
             why = f"memory {pct(ctx.pressure)} < {pct(cfg.low_watermark)}, no slow long sequences"
         return self._change(state, ctx, DecisionAction.RELAX_SEQ, why, max_seq_len=cap)
+
+
+def _knobs(settings: ControlSettings) -> tuple[object, ...]:
+    """The settings a decision may change (a decision changing none is no decision)."""
+    return (settings.batch_size, settings.max_seq_len, settings.precision,
+            settings.max_batched_tokens, settings.kv_budget_bytes)  # fmt: skip
+
+
+def _gib(value: float) -> str:
+    return f"{value / (1 << 30):.1f}"

@@ -61,6 +61,11 @@ class PolicyConfig:
     long_seq_cycles: int = 3  # degraded long cycles in the window before capping
     seq_relax_s: float = 60.0
     window_cycles: int = 20
+    # The engine core's paged KV pool follows the room other processes leave it: it is
+    # sized to this share of (total - other processes), less the worker's fixed memory.
+    kv_target_fraction: float = 0.90
+    kv_resize_min: float = 0.10  # a smaller relative change is not worth a resize
+    min_kv_bytes: int = 256 << 20
 
     def __post_init__(self) -> None:
         if not 0 < self.low_watermark < self.grow_target < self.high_watermark < 1:

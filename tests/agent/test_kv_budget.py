@@ -1,0 +1,62 @@
+"""The agent sizes the engine core's KV pool to the room other processes leave it."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.agent.policy import AgentPolicy, MemoryView, Observation, PolicyConfig
+from shared.schemas import CycleStats, DecisionAction
+from tests.agent.sim import GIB, new_state
+
+BLOCK = 16 * 22_528  # a TinyLlama block of 16 tokens in bf16
+WEIGHTS = int(2.2e9)
+ACTIVATIONS = 1 * GIB
+
+
+def window(pool_bytes: int, used_blocks: int, version: int) -> CycleStats:
+    """One window of a worker running the engine core."""
+    return CycleStats(
+        worker_id="w", settings_version=version, batch_size=64, max_prompt_len=400,
+        mean_prompt_len=300, max_new_tokens=128, precision="bf16", max_seq_len=2048,
+        tokens_generated=20_000, tokens_per_s=20_000.0, latency_s=1.0, padding_ratio=0.0,
+        memory_peak_bytes=WEIGHTS + used_blocks * BLOCK + ACTIVATIONS,
+        kv_pool_bytes=pool_bytes, kv_blocks_total=pool_bytes // BLOCK,
+        kv_blocks_used=used_blocks, queue_depth=10,
+    )  # fmt: skip
+
+
+def view(other: int, total: int = 140 * GIB) -> MemoryView:
+    return MemoryView(total_bytes=total, used_bytes=total // 2, other_bytes=other)
+
+
+def test_the_pool_shrinks_at_once_for_a_neighbour_and_grows_back_after_the_cooldown() -> None:
+    config = PolicyConfig(grow_cooldown_s=10.0, grow_cooldown_cycles=1)
+    policy, state = AgentPolicy(config), new_state(batch=64)
+    pool = 100 * GIB
+    state.settings = state.settings.model_copy(update={"kv_budget_bytes": pool})
+    fixed = WEIGHTS + ACTIVATIONS
+    # A neighbour takes 60 GiB: the pool must fit in 90 % of the 80 GiB left, at once.
+    shrink = policy.decide(state, Observation(100.0, view(60 * GIB), [window(pool, 5000, 0)]))
+    assert shrink is not None and shrink.action == DecisionAction.KV_BUDGET
+    target = int(0.9 * 80 * GIB - fixed)
+    assert shrink.after.kv_budget_bytes == pytest.approx(target, rel=1e-6)
+    assert "other processes hold 60.0 of 140.0 GiB" in shrink.reason
+    assert shrink.inputs["kv_target_bytes"] == shrink.after.kv_budget_bytes
+    assert shrink.after.batch_size == shrink.before.batch_size  # only the pool moved
+    # The neighbour frees its memory: no growth inside the cooldown, then growth back.
+    early = policy.decide(state, Observation(105.0, view(0), [window(target, 5000, 2)]))
+    assert early is None or early.action != DecisionAction.KV_BUDGET
+    grow = policy.decide(state, Observation(120.0, view(0), [window(target, 5000, 2)]))
+    assert grow is not None and grow.action == DecisionAction.KV_BUDGET
+    assert grow.after.kv_budget_bytes == pytest.approx(0.9 * 140 * GIB - fixed, rel=1e-6)
+
+
+def test_small_changes_and_workers_without_a_pool_leave_the_budget_alone() -> None:
+    policy, state = AgentPolicy(), new_state(batch=64)
+    pool = int(0.9 * 140 * GIB - WEIGHTS - ACTIVATIONS)
+    state.settings = state.settings.model_copy(update={"kv_budget_bytes": pool})
+    steady = policy.decide(state, Observation(100.0, view(2 * GIB), [window(pool, 100, 0)]))
+    assert steady is None or steady.action != DecisionAction.KV_BUDGET  # 1.5 %: no resize
+    batch_engine = window(0, 0, 0).model_copy(update={"kv_blocks_total": 0})
+    other = policy.decide(state, Observation(200.0, view(60 * GIB), [batch_engine]))
+    assert other is None or other.action != DecisionAction.KV_BUDGET
