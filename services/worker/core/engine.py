@@ -155,6 +155,7 @@ class EngineCore:
             max_seq_len=self._cap_seq_len(config.max_seq_len),
         )
         self.scheduler = Scheduler(self._new_pool(), self.limits)
+        self._sized_blocks = self.scheduler.pool.num_blocks  # the pool as profiled/budgeted
         self._pending: list[RequestOutcome] = []  # rejected or cancelled, out next step
         self._oom_cap: int | None = None
         self._steps_since_oom = 0
@@ -211,9 +212,12 @@ class EngineCore:
                 f"({request.params.max_tokens}) = {total} exceeds the model's context "
                 f"length {context}"
             )
-        pool_tokens = self.scheduler.pool.num_blocks * self.runner.block_size
-        if blocks_for(total, self.runner.block_size) > self.scheduler.pool.num_blocks:
-            return f"request of {total} tokens is larger than the whole KV pool ({pool_tokens})"
+        # Against the pool as sized at start: a pool shrunk for a neighbour may grow back,
+        # so a request that only exceeds the current one waits (see _expire_waiting).
+        largest = max(self.scheduler.pool.num_blocks, self._sized_blocks)
+        if blocks_for(total, self.runner.block_size) > largest:
+            tokens = largest * self.runner.block_size
+            return f"request of {total} tokens is larger than the whole KV pool ({tokens})"
         return None
 
     # -- one step -------------------------------------------------------------------------
@@ -347,23 +351,28 @@ class EngineCore:
         seq.last_token_at = stamp
 
     def _expire_waiting(self) -> list[RequestOutcome]:
-        """Fail requests that waited too long for a max_seq_len that fits them."""
-        limit = self.limits.max_seq_len
+        """Fail requests that waited too long for limits that fit them: a max_seq_len
+        that rose, or a KV pool that grew back after a shrink."""
         deadline = time.monotonic() - self.config.admission_timeout_s
-        expired = [
-            s for s in self.scheduler.waiting if s.total_len > limit and s.added_at < deadline
-        ]
         outcomes = []
-        for seq in expired:
+        for seq in list(self.scheduler.waiting):
+            why = self._unfit(seq)
+            if why is None or seq.added_at >= deadline:
+                continue
             self.scheduler.finish(seq)
-            seq.row.fail(
-                f"prompt ({len(seq.prompt_ids)} tokens) + max_tokens ({seq.max_tokens}) "
-                f"exceeds the worker's current max_seq_len {limit}; waited "
-                f"{self.config.admission_timeout_s:.0f} s for it to rise",
-                now(),
-            )
+            waited = f"; waited {self.config.admission_timeout_s:.0f} s for that to change"
+            seq.row.fail(f"prompt ({len(seq.prompt_ids)} tokens) + max_tokens "
+                         f"({seq.max_tokens}) exceeds {why}{waited}", now())  # fmt: skip
             outcomes.append(seq.row.outcome())
         return outcomes
+
+    def _unfit(self, seq: Sequence) -> str | None:
+        if seq.total_len > self.limits.max_seq_len:
+            return f"the worker's current max_seq_len {self.limits.max_seq_len}"
+        pool = self.scheduler.pool
+        if blocks_for(seq.total_len, pool.block_size) > pool.num_blocks:
+            return f"the KV pool, now {pool.num_blocks * pool.block_size} tokens"
+        return None
 
     def _fill_gauges(self, stats: StepStats) -> None:
         running = self.scheduler.running
@@ -487,6 +496,7 @@ class EngineCore:
             self.scheduler.preempt_all()
             self.runner.allocate(0)
             self.scheduler.pool = self._new_pool()
+            self._sized_blocks = self.scheduler.pool.num_blocks
             self.kv_budget_bytes = 0
             return "KV budget auto (re-profiled)"
         report = self.resize_kv(budget)
@@ -504,6 +514,10 @@ class EngineCore:
         blocks = max(1, budget_bytes // block_bytes)
         old = self.scheduler.pool.num_blocks
         preempted = 0
+        for seq in list(self.scheduler.running):  # could never finish in the new pool
+            if blocks_for(seq.total_len, self.runner.block_size) > blocks:
+                self.scheduler.preempt(seq)
+                preempted += 1
         while self.scheduler.pool.num_used > blocks - self.scheduler.reserve_blocks():
             if not self.scheduler.running:
                 break

@@ -7,8 +7,9 @@ Contract of :meth:`Scheduler.schedule` (pure bookkeeping, no tensors):
   first served, while a slot (``max_num_seqs``) and budget are left.
 - The tokens of one step never exceed ``max_batched_tokens`` (a long prompt is computed
   in chunks across steps, so it never stalls the decodes).
-- A waiting sequence whose prompt + ``max_tokens`` exceeds ``max_seq_len`` is not
-  admitted: it waits (the limit may rise); nothing is ever cut.
+- A waiting sequence whose prompt + ``max_tokens`` exceeds ``max_seq_len``, or the whole
+  pool (shrunk for another process), is not admitted: it waits (the limit may rise, the
+  pool may grow back); nothing is ever cut.
 - A new sequence is admitted only when the blocks for its whole prompt are free, plus a
   small reserve for the running sequences' next tokens.
 - When a running sequence needs a block and none is free, the newest running sequence is
@@ -120,6 +121,10 @@ class Scheduler:
             count += 1
         return count
 
+    def preempt(self, seq: Sequence) -> None:
+        """Send one running sequence back to waiting (recomputed when admitted again)."""
+        self._preempt(seq)
+
     def preempt_newest(self, count: int) -> int:
         """Preempt up to ``count`` of the newest running sequences (after an OOM)."""
         done = 0
@@ -187,6 +192,8 @@ class Scheduler:
                 break
             if seq.total_len > self.limits.max_seq_len:
                 continue  # waits for the limit to rise (or for its admission time-out)
+            if blocks_for(seq.total_len, self.pool.block_size) > self.pool.num_blocks:
+                continue  # could never finish in this pool: waits for it to grow back
             need = blocks_for(seq.num_tokens, self.pool.block_size) - len(seq.block_table)
             if need + reserve > self.pool.num_free:
                 break  # first come, first served: nobody overtakes for lack of blocks

@@ -331,3 +331,24 @@ def test_a_kv_budget_setting_resizes_the_pool_in_place(fp32: LoadedModel) -> Non
     assert any("100 -> 40 blocks" in change for change in core.apply(settings))
     assert core.stats().kv_blocks_total == 40 and core.stats().kv_blocks_used == held
     assert core.stats().running == 1  # kept running through the resize
+
+
+def test_a_request_larger_than_a_shrunk_pool_waits_then_gets_a_clear_error(
+    fp32: LoadedModel,
+) -> None:
+    core = EngineCore(fp32, config(blocks=100, admission_timeout_s=0.05))
+    core.resize_kv(10 * KV_BYTES_PER_BLOCK_OF_4)  # 40 tokens: a neighbour took the rest
+    core.add(GenerationRequest(id="big", prompt="p", prompt_token_ids=[1] * 30,
+                               params=SamplingParams(max_tokens=20)))  # fmt: skip
+    core.add(GenerationRequest(id="huge", prompt="p", prompt_token_ids=[1] * 300,
+                               params=SamplingParams(max_tokens=200)))  # fmt: skip
+    first = core.step().finished  # larger than even the pool as sized at start: at once
+    assert [o.request_id for o in first] == ["huge"] and "whole KV pool (400)" in str(
+        first[0].error
+    )
+    assert core.stats().waiting == 1  # "big" fits the pool it had: it waits a while
+    outcomes: list[RequestOutcome] = []
+    while not outcomes:
+        outcomes += core.step().finished
+    assert outcomes[0].finish_reason == "error"
+    assert "the KV pool, now 40 tokens" in str(outcomes[0].error)
