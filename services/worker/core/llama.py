@@ -275,17 +275,19 @@ class DecodeAttention:
 
 
 @dataclass
-class PrefillAttention:
-    """Chunks of several sequences, padded to the longest chunk inside attention only.
+class ChunkAttention:
+    """Prompt chunks of several sequences, padded to the longest chunk inside attention only.
 
-    ``pad_index`` ``[B, Lq]``: packed token of each padded query row (``T`` = a zero row);
-    ``valid`` ``[T]``: where each packed token sits in the flattened ``[B * Lq]`` rows.
-    ``fresh``: every chunk starts its sequence, so attention needs only the chunk's own
-    keys and values, causally (no cache read, no mask). Otherwise ``mask``
-    ``[B, 1, G * Lq, L]`` (causal from each chunk's start, repeated per query head of a
-    group) over the cached keys of ``tables``.
+    ``pad_index`` ``[B, Lq]``: the packed token of each padded query row (``T`` = a zero
+    row); ``valid`` ``[n]``: where each of the group's tokens sits in the flattened
+    ``[B * Lq]`` rows, in the order of ``tokens`` (their packed indices). ``fresh``: every
+    chunk starts its sequence, so attention needs only the chunk's own keys and values,
+    causally (no cache read, no mask). Otherwise ``mask`` ``[B, 1, G * Lq, L]`` (causal
+    from each chunk's start, repeated per query head of a group) over the cached keys of
+    ``tables``.
     """
 
+    tokens: torch.Tensor
     tables: torch.Tensor
     pad_index: torch.Tensor
     valid: torch.Tensor
@@ -316,6 +318,25 @@ class PrefillAttention:
 
     def _pad(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([x, x.new_zeros(1, *x.shape[1:])])[self.pad_index]  # [B, Lq, h, D]
+
+
+@dataclass
+class PrefillAttention:
+    """A step's prompt chunks in groups: those that start their sequence (flash, causal,
+    no cache read) apart from those that continue one (masked, over the cache), so one
+    continuing chunk does not send every fresh one down the slower path."""
+
+    parts: list[ChunkAttention]
+
+    def __call__(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: tuple[torch.Tensor, ...]
+    ) -> torch.Tensor:
+        if len(self.parts) == 1:  # its tokens are all of them, in packed order
+            return self.parts[0](q, k, v, cache)
+        out = torch.empty_like(q)
+        for part in self.parts:
+            out[part.tokens] = part(q, k, v, cache)
+        return out
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from services.worker.core.llama import (
+    ChunkAttention,
     DecodeAttention,
     KVCache,
     LlamaWeights,
@@ -298,9 +299,9 @@ class ModelRunner:
         """Logits of the chunks that sample (their last token), in chunk order."""
         assert self.cache is not None
         inputs = _PrefillInputs.build(chunks, self.block_size, self.cache.scratch_block)
-        t = inputs.tensors(self.device, self.shape.num_heads // self.shape.num_kv_heads)
-        mask = t.get("mask")
-        attend = PrefillAttention(t["tables"], t["pad_index"], t["valid"], mask, mask is None)
+        t = inputs.tensors(self.device)
+        groups = self.shape.num_heads // self.shape.num_kv_heads
+        attend = PrefillAttention([lay.attention(self.device, groups) for lay in inputs.layouts])
         return forward(
             self.weights, self.cache, t["ids"], t["positions"], t["slots"], attend, t["last"]
         )
@@ -527,68 +528,44 @@ class _DecodeInputs:
 
 
 @dataclass
-class _PrefillInputs:
-    """Host lists of a prefill step: packed tokens and the padded attention layout."""
+class _Layout:
+    """One group of a prefill step's chunks, padded for attention (host lists)."""
 
-    ids: list[int]
-    positions: list[int]
-    slots: list[int]
+    tokens: list[int]
     tables: list[list[int]]
     pad_index: list[list[int]]
     valid: list[int]
     starts: list[int]
     lengths: list[int]
-    last: list[int]
     width: int
     context: int
 
     @classmethod
-    def build(cls, chunks: list[Chunk], block_size: int, scratch: int) -> _PrefillInputs:
-        width = max(c.length for c in chunks)
-        blocks = max(-(-(c.start + c.length) // block_size) for c in chunks)
-        ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        tables: list[list[int]] = []
-        pad_index: list[list[int]] = []
-        valid: list[int] = []
-        last: list[int] = []
-        total = sum(c.length for c in chunks)
-        for row, c in enumerate(chunks):
-            first = len(ids)
-            table = c.seq.block_table
-            span = range(c.start, c.start + c.length)
-            ids += c.seq.token_ids(c.start, c.start + c.length)
-            positions += span
-            slots += [table[p // block_size] * block_size + p % block_size for p in span]
-            tables.append(table[:blocks] + [scratch] * (blocks - len(table[:blocks])))
-            pad_index.append(list(range(first, first + c.length)) + [total] * (width - c.length))
-            valid += range(row * width, row * width + c.length)
-            if c.samples:
-                last.append(first + c.length - 1)
-        starts = [c.start for c in chunks]
-        lengths = [c.length for c in chunks]
-        return cls(ids, positions, slots, tables, pad_index, valid, starts, lengths, last,
-                   width, blocks * block_size)  # fmt: skip
+    def build(
+        cls, placed: list[tuple[Chunk, int]], total: int, block_size: int, scratch: int
+    ) -> _Layout:
+        """``placed``: each chunk with the packed index of its first token."""
+        width = max(c.length for c, _ in placed)
+        blocks = max(-(-(c.start + c.length) // block_size) for c, _ in placed)
+        layout = cls([], [], [], [], [c.start for c, _ in placed],
+                     [c.length for c, _ in placed], width, blocks * block_size)  # fmt: skip
+        for row, (c, first) in enumerate(placed):
+            table = c.seq.block_table[:blocks]
+            layout.tokens += range(first, first + c.length)
+            layout.tables.append(table + [scratch] * (blocks - len(table)))
+            padding = [total] * (width - c.length)
+            layout.pad_index.append(list(range(first, first + c.length)) + padding)
+            layout.valid += range(row * width, row * width + c.length)
+        return layout
 
-    def tensors(self, device: torch.device, groups: int) -> dict[str, torch.Tensor]:
-        """Device tensors; ``mask`` only when some chunk continues a sequence."""
-
+    def attention(self, device: torch.device, groups: int) -> ChunkAttention:
         def put(values: list) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.long).to(device, non_blocking=True)
 
-        out = {
-            "ids": put(self.ids),
-            "positions": put(self.positions),
-            "slots": put(self.slots),
-            "tables": put(self.tables),
-            "pad_index": put(self.pad_index),
-            "valid": put(self.valid),
-            "last": put(self.last),
-        }
-        if any(self.starts):
-            out["mask"] = self._mask(put(self.starts), put(self.lengths), device, groups)
-        return out
+        fresh = not any(self.starts)
+        mask = None if fresh else self._mask(put(self.starts), put(self.lengths), device, groups)
+        return ChunkAttention(put(self.tokens), put(self.tables), put(self.pad_index),
+                              put(self.valid), mask, fresh)  # fmt: skip
 
     def _mask(
         self, starts: torch.Tensor, lengths: torch.Tensor, device: torch.device, groups: int
@@ -599,3 +576,47 @@ class _PrefillInputs:
         end = (starts + lengths).view(-1, 1, 1)
         mask = (keys <= query.unsqueeze(2)) & (keys < end)
         return mask.unsqueeze(1).repeat(1, 1, groups, 1)
+
+
+@dataclass
+class _PrefillInputs:
+    """Host lists of a prefill step: packed tokens, and the attention layout of the chunks
+    that start their sequence apart from those that continue one."""
+
+    ids: list[int]
+    positions: list[int]
+    slots: list[int]
+    last: list[int]
+    layouts: list[_Layout]
+
+    @classmethod
+    def build(cls, chunks: list[Chunk], block_size: int, scratch: int) -> _PrefillInputs:
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        last: list[int] = []
+        placed: list[tuple[Chunk, int]] = []
+        for c in chunks:
+            first = len(ids)
+            table = c.seq.block_table
+            span = range(c.start, c.start + c.length)
+            ids += c.seq.token_ids(c.start, c.start + c.length)
+            positions += span
+            slots += [table[p // block_size] * block_size + p % block_size for p in span]
+            placed.append((c, first))
+            if c.samples:
+                last.append(first + c.length - 1)
+        groups = [[p for p in placed if p[0].start == 0], [p for p in placed if p[0].start]]
+        layouts = [_Layout.build(g, len(ids), block_size, scratch) for g in groups if g]
+        return cls(ids, positions, slots, last, layouts)
+
+    def tensors(self, device: torch.device) -> dict[str, torch.Tensor]:
+        def put(values: list) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.long).to(device, non_blocking=True)
+
+        return {
+            "ids": put(self.ids),
+            "positions": put(self.positions),
+            "slots": put(self.slots),
+            "last": put(self.last),
+        }
