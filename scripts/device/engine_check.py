@@ -13,7 +13,6 @@ from services.worker.engine import BatchLimits, HFGenerateEngine, combine_outcom
 from services.worker.model import load_model, model_info
 from services.worker.oom import run_with_oom_guard
 from services.worker.precision import apply_precision, int8_support
-from services.worker.scheduler import select_batch
 from shared.schemas import GenerationRequest, SamplingParams
 
 report = {}
@@ -110,14 +109,14 @@ for bs in (16, 64):
     log(f"bs{bs}_engine_tok_s", round(o.tokens_generated / eng_s, 1))
     log(f"bs{bs}_plain_generate_tok_s", round(bs * 128 / base_s, 1))
     log(f"bs{bs}_padding_ratio", round(o.padding_ratio, 3))
-    # scheduler-sorted batches of the same requests
+    # FIFO batches of the same requests (the batch engine's peer setting)
     waiting = w1(4 * bs, 1000 + bs)
     tokens = 0
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     pads = []
     while waiting:
-        chosen = select_batch(waiting, bs)
+        chosen = waiting[:bs]
         waiting = [r for r in waiting if r not in chosen]
         o = engine.run(chosen, limits)
         tokens += o.tokens_generated
