@@ -56,8 +56,8 @@ class WorkerSettings(CommonSettings):
     kv_budget_bytes: int = Field(default=0, ge=0)
     block_size: int = Field(default=16, ge=1, le=1024)
     cuda_graphs: bool = True
-    # Decode steps run back to back on the device while every sequence decodes and none
-    # waits (host work once per this many tokens; new requests wait at most that long).
+    # Decode steps run back to back on the device while every sequence decodes and no
+    # waiting request could join (host work once per this many tokens).
     decode_steps: int = Field(default=8, ge=1, le=64)
     # A request that does not fit the current max_seq_len waits this long, then errors.
     admission_timeout_s: float = Field(default=120.0, gt=0)

@@ -260,10 +260,13 @@ class EngineCore:
         return self.runner.execute(plan, self._sampling)
 
     def _steps_ahead(self, plan: StepPlan) -> int:
-        """How many decode steps to run at once (1 unless every running sequence decodes,
-        nobody waits, and the blocks for the tokens ahead can be had)."""
+        """How many decode steps to run at once: 1 unless every running sequence decodes,
+        nobody who waits could join (none waits, or every slot is taken: a slot freed
+        part-way is taken a few steps later), and the blocks for the tokens ahead can be
+        had."""
         steps = self.config.decode_steps
-        if steps <= 1 or plan.prefills or plan.preempted or self.scheduler.waiting:
+        full = len(self.scheduler.running) >= self.limits.max_num_seqs
+        if steps <= 1 or plan.prefills or plan.preempted or (self.scheduler.waiting and not full):
             return 1
         if not all(c.samples for c in plan.decodes):
             return 1

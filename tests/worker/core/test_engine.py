@@ -352,3 +352,15 @@ def test_a_request_larger_than_a_shrunk_pool_waits_then_gets_a_clear_error(
         outcomes += core.step().finished
     assert outcomes[0].finish_reason == "error"
     assert "the KV pool, now 40 tokens" in str(outcomes[0].error)
+
+
+def test_decode_steps_run_ahead_while_every_slot_is_taken(fp32: LoadedModel) -> None:
+    requests = make_requests(9, seed=51)
+    expected = reference(fp32, requests)
+    counts = {}
+    for steps in (1, 6):
+        core = EngineCore(fp32, config(max_num_seqs=3, decode_steps=steps))
+        done, outputs = drive(core, requests, joins_per_step=9)  # six always wait
+        assert {rid: o.text for rid, o in done.items()} == expected
+        counts[steps] = len(outputs)
+    assert counts[6] < counts[1] * 0.6
