@@ -179,7 +179,8 @@ class _BenchIO:
         t_rel = self.elapsed()
         self.cycles.append(_cycle_record(cycle, ooms, failed, seconds, t_rel, self.settings))
         if self.closed is not None:
-            events = [_oom_event(o, cycle) for o in ooms]
+            events = [o.to_event(WORKER_ID, None, cycle.precision, cycle.settings_version)
+                      for o in ooms]  # fmt: skip
             new = self.closed.observe(cycle, events, t_rel)
             if new is not None:
                 version = self.settings.version + 1
@@ -265,20 +266,6 @@ def _cycle_record(
         waiting=cycle.waiting,
         kv_usage=round(cycle.kv_usage, 4),
         preemptions=cycle.preemptions,
-    )
-
-
-def _oom_event(info: OomInfo, cycle: CycleStats) -> OomEvent:
-    return OomEvent(
-        worker_id=WORKER_ID,
-        batch_size=info.batch_size,
-        max_prompt_len=info.max_prompt_len,
-        max_new_tokens=info.max_new_tokens,
-        precision=cycle.precision,
-        settings_version=cycle.settings_version,
-        recovered=info.recovered,
-        action=info.action,
-        message=info.message,
     )
 
 

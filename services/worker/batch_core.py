@@ -20,7 +20,7 @@ from services.worker.core.scheduler import Limits
 from services.worker.engine import BatchLimits, HFGenerateEngine, failed_outcome
 from services.worker.model import LoadedModel
 from services.worker.oom import OomInfo, OomInjector, run_with_oom_guard
-from services.worker.rows import RequestOutcome, validate_prompt
+from services.worker.rows import RequestOutcome, cap_seq_len, context_problem, validate_prompt
 from shared.schemas import ControlSettings, GenerationRequest, Precision, now
 
 
@@ -34,7 +34,7 @@ class BatchEngineCore:
         self.config = config
         self.engine = HFGenerateEngine(loaded, fault=fault)
         self.limits = Limits(config.max_num_seqs, config.max_batched_tokens,
-                             self._cap_seq_len(config.max_seq_len))  # fmt: skip
+                             cap_seq_len(config.max_seq_len, loaded.context_length))  # fmt: skip
         self.waiting: deque[tuple[GenerationRequest, float]] = deque()
         self._pending: list[RequestOutcome] = []
         self._precision_saved: int | None = None
@@ -42,12 +42,9 @@ class BatchEngineCore:
     # -- requests -------------------------------------------------------------------------
 
     def add(self, request: GenerationRequest) -> None:
-        problem = validate_prompt(request.prompt_token_ids, self.loaded.model.config.vocab_size)
-        total = request.prompt_len + request.params.max_tokens
-        if problem is None and total > self.loaded.context_length:
-            problem = (f"prompt ({request.prompt_len} tokens) + max_tokens "
-                       f"({request.params.max_tokens}) = {total} exceeds the model's context "
-                       f"length {self.loaded.context_length}")  # fmt: skip
+        problem = validate_prompt(
+            request.prompt_token_ids, self.loaded.model.config.vocab_size
+        ) or context_problem(request, self.loaded.context_length)
         if problem:
             self._pending += failed_outcome([request], problem, self.precision).results
             return
@@ -69,10 +66,6 @@ class BatchEngineCore:
     @property
     def has_work(self) -> bool:
         return bool(self.waiting or self._pending)
-
-    @property
-    def num_unfinished(self) -> int:
-        return len(self.waiting)
 
     def free_slots(self) -> int:
         return max(0, 2 * self.limits.max_num_seqs - len(self.waiting))
@@ -141,15 +134,11 @@ class BatchEngineCore:
             changes.append(f"precision {change.before} -> {change.after}")
         limits = Limits(settings.batch_size,
                         settings.max_batched_tokens or self.config.max_batched_tokens,
-                        self._cap_seq_len(settings.max_seq_len))  # fmt: skip
+                        cap_seq_len(settings.max_seq_len, self.loaded.context_length))  # fmt: skip
         if limits != self.limits:
             self.limits = limits
             changes.append(f"limits {limits}")
         return changes
-
-    def _cap_seq_len(self, wanted: int) -> int:
-        context = self.loaded.context_length
-        return min(wanted, context) if wanted > 0 else context
 
     @property
     def precision(self) -> Precision:

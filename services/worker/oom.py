@@ -25,7 +25,7 @@ import torch
 
 from services.worker.engine import failed_outcome
 from services.worker.precision import free_memory
-from shared.schemas import GenerationRequest
+from shared.schemas import GenerationRequest, OomEvent, Precision
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,17 @@ class OomInfo:
     recovered: bool
     action: str
     message: str
+
+    def to_event(
+        self, worker_id: str, gpu_index: int | None, precision: Precision, settings_version: int
+    ) -> OomEvent:
+        """The record of this OOM (events stream, ``oom_events`` table)."""
+        return OomEvent(
+            worker_id=worker_id, gpu_index=gpu_index, batch_size=self.batch_size,
+            max_prompt_len=self.max_prompt_len, max_new_tokens=self.max_new_tokens,
+            precision=precision, settings_version=settings_version, recovered=self.recovered,
+            action=self.action, message=self.message,
+        )  # fmt: skip
 
 
 def is_oom(exc: BaseException) -> bool:

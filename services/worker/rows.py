@@ -90,6 +90,22 @@ def plan_row(prompt_ids: list[int], max_tokens: int, cap: int, bos_id: int | Non
     return RowPlan(ids, budget, "; ".join(notes) or None)
 
 
+def context_problem(request: GenerationRequest, context: int) -> str | None:
+    """Why a request can never fit the model's context (None when it can); never cut."""
+    total = request.prompt_len + request.params.max_tokens
+    if total <= context:
+        return None
+    return (
+        f"prompt ({request.prompt_len} tokens) + max_tokens ({request.params.max_tokens}) "
+        f"= {total} exceeds the model's context length {context}"
+    )
+
+
+def cap_seq_len(wanted: int, context: int) -> int:
+    """A max_seq_len setting within the model's context (0: the whole context)."""
+    return min(wanted, context) if wanted > 0 else context
+
+
 def validate_prompt(ids: list[int], vocab_size: int) -> str | None:
     """Why these prompt ids can't be run, or None when they can."""
     if not ids:

@@ -41,7 +41,6 @@ from shared.schemas import (
     ControlSettings,
     GenerationRequest,
     GenerationResult,
-    OomEvent,
     RequestRecord,
     WorkerInfo,
     dump,
@@ -266,18 +265,8 @@ class Worker:
         info = output.stats.oom
         assert info is not None
         self.metrics.oom()
-        event = OomEvent(
-            worker_id=self.settings.worker_id,
-            gpu_index=gpu_index(self.loaded.device),
-            batch_size=info.batch_size,
-            max_prompt_len=info.max_prompt_len,
-            max_new_tokens=info.max_new_tokens,
-            precision=self.core.precision,
-            settings_version=self.loop.applied.version,
-            recovered=info.recovered,
-            action=info.action,
-            message=info.message,
-        )
+        event = info.to_event(self.settings.worker_id, gpu_index(self.loaded.device),
+                              self.core.precision, self.loop.applied.version)  # fmt: skip
         log.warning("OOM in a step of %d sequences: %s", info.batch_size, info.action)
         publish_event(self.client, self.keys, event, self.settings.events_maxlen)
         self.writer.submit(event)

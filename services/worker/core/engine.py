@@ -35,7 +35,14 @@ from services.worker.core.sequence import Sequence
 from services.worker.model import LoadedModel
 from services.worker.oom import OomInfo, OomInjector, is_oom
 from services.worker.precision import PrecisionChange, apply_precision, free_memory
-from services.worker.rows import RequestOutcome, Row, RowPlan, validate_prompt
+from services.worker.rows import (
+    RequestOutcome,
+    Row,
+    RowPlan,
+    cap_seq_len,
+    context_problem,
+    validate_prompt,
+)
 from shared.schemas import ControlSettings, GenerationRequest, Precision, TokenDelta, now
 
 log = logging.getLogger(__name__)
@@ -125,7 +132,6 @@ class ResizeReport:
     blocks_after: int
     blocks_moved: int
     preempted: int
-    resize_s: float
     seconds: float
 
     def __str__(self) -> str:
@@ -152,7 +158,7 @@ class EngineCore:
         self.limits = Limits(
             max_num_seqs=config.max_num_seqs,
             max_batched_tokens=config.max_batched_tokens,
-            max_seq_len=self._cap_seq_len(config.max_seq_len),
+            max_seq_len=cap_seq_len(config.max_seq_len, self.loaded.context_length),
         )
         self.scheduler = Scheduler(self._new_pool(), self.limits)
         self._sized_blocks = self.scheduler.pool.num_blocks  # the pool as profiled/budgeted
@@ -191,27 +197,18 @@ class EngineCore:
     def has_work(self) -> bool:
         return bool(self.scheduler.num_unfinished or self._pending)
 
-    @property
-    def num_unfinished(self) -> int:
-        return self.scheduler.num_unfinished
-
     def free_slots(self) -> int:
         """How many more requests to take in: enough to fill the running set and a step."""
         want = 2 * self.limits.max_num_seqs
         return max(0, want - self.scheduler.num_unfinished)
 
     def _reject_reason(self, request: GenerationRequest) -> str | None:
-        problem = validate_prompt(request.prompt_token_ids, self.runner.shape.vocab)
+        problem = validate_prompt(
+            request.prompt_token_ids, self.runner.shape.vocab
+        ) or context_problem(request, self.loaded.context_length)
         if problem:
             return problem
         total = request.prompt_len + request.params.max_tokens
-        context = self.loaded.context_length
-        if total > context:
-            return (
-                f"prompt ({request.prompt_len} tokens) + max_tokens "
-                f"({request.params.max_tokens}) = {total} exceeds the model's context "
-                f"length {context}"
-            )
         # Against the pool as sized at start: a pool shrunk for a neighbour may grow back,
         # so a request that only exceeds the current one waits (see _expire_waiting).
         largest = max(self.scheduler.pool.num_blocks, self._sized_blocks)
@@ -474,7 +471,7 @@ class EngineCore:
         limits = Limits(
             max_num_seqs=settings.batch_size,
             max_batched_tokens=settings.max_batched_tokens or self.config.max_batched_tokens,
-            max_seq_len=self._cap_seq_len(settings.max_seq_len),
+            max_seq_len=cap_seq_len(settings.max_seq_len, self.loaded.context_length),
         )
         if limits != self.limits:
             changes.append(f"limits {limits}")
@@ -531,11 +528,10 @@ class EngineCore:
             table[:] = [moves.get(b, b) for b in table]
         used = {b for table in tables for b in table}
         kept = sorted(used - set(moves.values()))
-        graphs_s = self.runner.resize(blocks, moves, kept)
+        self.runner.resize(blocks, moves, kept)
         self.scheduler.pool = BlockPool.holding(blocks, self.runner.block_size, used)
         self.kv_budget_bytes = budget_bytes
-        return ResizeReport(old, blocks, len(moves), preempted, graphs_s,
-                            time.perf_counter() - started)  # fmt: skip
+        return ResizeReport(old, blocks, len(moves), preempted, time.perf_counter() - started)
 
     def _new_runner(self, budget: int) -> ModelRunner:
         cfg = self.config
@@ -554,10 +550,6 @@ class EngineCore:
 
     def _new_pool(self) -> BlockPool:
         return BlockPool(self.runner.num_blocks, self.runner.block_size)
-
-    def _cap_seq_len(self, wanted: int) -> int:
-        context = self.loaded.context_length
-        return min(wanted, context) if wanted > 0 else context
 
     def warm_up(self) -> int:
         """Capture the decode graphs up to the largest batch the runner takes (any limit

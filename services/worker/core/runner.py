@@ -527,6 +527,11 @@ class _DecodeInputs:
         }
 
 
+def _on_device(values: list, device: torch.device) -> torch.Tensor:
+    """Host ints as an int64 tensor on ``device`` (copied without waiting)."""
+    return torch.tensor(values, dtype=torch.long).to(device, non_blocking=True)
+
+
 @dataclass
 class _Layout:
     """One group of a prefill step's chunks, padded for attention (host lists)."""
@@ -560,7 +565,7 @@ class _Layout:
 
     def attention(self, device: torch.device, groups: int) -> ChunkAttention:
         def put(values: list) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.long).to(device, non_blocking=True)
+            return _on_device(values, device)
 
         fresh = not any(self.starts)
         mask = None if fresh else self._mask(put(self.starts), put(self.lengths), device, groups)
@@ -612,7 +617,7 @@ class _PrefillInputs:
 
     def tensors(self, device: torch.device) -> dict[str, torch.Tensor]:
         def put(values: list) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.long).to(device, non_blocking=True)
+            return _on_device(values, device)
 
         return {
             "ids": put(self.ids),
