@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from services.worker.core.fused import add_rms_norm, rms_norm, rotary_and_store, silu_and_mul
 from services.worker.core.paged_attention import paged_decode_attention
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
@@ -339,19 +340,6 @@ class PrefillAttention:
         return out
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """As HF's LlamaRMSNorm: normalise in fp32, scale in the model's dtype."""
-    x32 = x.float()
-    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * x32.to(x.dtype)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
-
-
 def forward(
     w: LlamaWeights,
     cache: KVCache,
@@ -364,25 +352,30 @@ def forward(
     """Logits ``[S, vocab]`` of the packed tokens at ``logit_rows`` (all when None).
 
     ``slots`` ``[T]``: the cache slot (block * block_size + offset) each token's keys and
-    values are written to before attention reads them.
+    values are written to before attention reads them. On CUDA the elementwise work
+    between the matmuls runs in fused kernels (:mod:`services.worker.core.fused`).
     """
     s = w.shape
     h = F.embedding(input_ids, w.embed)
-    cos, sin = w.cos[positions].unsqueeze(1), w.sin[positions].unsqueeze(1)
     q_size, kv_size = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
+    delta: torch.Tensor | None = None  # the last layer's MLP output, not yet added to h
     for i, layer in enumerate(w.layers):
-        x = rms_norm(h, layer.input_norm, s.eps)
+        if delta is None:
+            x = rms_norm(h, layer.input_norm, s.eps)
+        else:
+            h, x = add_rms_norm(h, delta, layer.input_norm, s.eps)
         q, k, v = layer.qkv(x).split([q_size, kv_size, kv_size], dim=-1)
-        q = _rotate(q.view(-1, s.num_heads, s.head_dim), cos, sin)
-        k = _rotate(k.view(-1, s.num_kv_heads, s.head_dim), cos, sin)
-        v = v.view_as(k)
         keys, values = cache.keys[i], cache.values[i]
-        keys.view(-1, s.num_kv_heads, s.head_dim).index_copy_(0, slots, k)
-        values.view(-1, s.num_kv_heads, s.head_dim).index_copy_(0, slots, v)
-        h = h + layer.o(attend(q, k, v, (keys, values)).reshape(-1, q_size))
-        x = rms_norm(h, layer.post_norm, s.eps)
-        gate, up = layer.gate_up(x).chunk(2, dim=-1)
-        h = h + layer.down(F.silu(gate) * up)
+        q, k = rotary_and_store(
+            q.view(-1, s.num_heads, s.head_dim), k.view(-1, s.num_kv_heads, s.head_dim),
+            v.view(-1, s.num_kv_heads, s.head_dim), positions, w.cos, w.sin, keys, values, slots,
+        )  # fmt: skip
+        v = v.view_as(k)
+        attended = layer.o(attend(q, k, v, (keys, values)).reshape(-1, q_size))
+        h, x = add_rms_norm(h, attended, layer.post_norm, s.eps)
+        delta = layer.down(silu_and_mul(layer.gate_up(x)))
+    if delta is not None:
+        h = h + delta
     if logit_rows is not None:
         h = h[logit_rows]
     return F.linear(rms_norm(h, w.norm, s.eps), w.lm_head)
