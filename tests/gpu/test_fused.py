@@ -68,3 +68,27 @@ def test_rotary_and_store_agree_with_the_reference_when_replayed_from_a_graph() 
     _close(got_k, want_k)
     _close(caches[2], caches[0])
     assert torch.equal(caches[3], caches[1])
+
+
+def test_fresh_prompt_chunks_take_varlen_flash_and_agree_with_the_padded_path() -> None:
+    from types import SimpleNamespace
+
+    from services.worker.core.runner import _Layout
+    from services.worker.core.scheduler import Chunk
+
+    lengths = [37, 300, 5, 128, 64]
+    chunks, first = [], 0
+    for i, n in enumerate(lengths):
+        seq = SimpleNamespace(num_tokens=n, block_table=list(range(i * 20, i * 20 + 20)))
+        chunks.append((Chunk(seq, 0, n), first))  # type: ignore[arg-type]
+        first += n
+    layout = _Layout.build(chunks, first, 16, 999)
+    varlen = layout.attention(torch.device("cuda"), HEADS // KV_HEADS)
+    assert varlen.cu_lengths is not None
+    padded = layout.attention(torch.device("cuda"), HEADS // KV_HEADS)
+    padded.cu_lengths = None
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    q = torch.randn(first, HEADS, DIM, device="cuda", generator=gen, dtype=torch.bfloat16)
+    k = torch.randn(first, KV_HEADS, DIM, device="cuda", generator=gen, dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    _close(varlen(q, k, v, ()), padded(q, k, v, ()))

@@ -569,8 +569,12 @@ class _Layout:
 
         fresh = not any(self.starts)
         mask = None if fresh else self._mask(put(self.starts), put(self.lengths), device, groups)
+        cu = None
+        if fresh and device.type == "cuda":
+            offsets = np.concatenate([[0], np.cumsum(self.lengths)]).astype(np.int32)
+            cu = torch.from_numpy(offsets).to(device, non_blocking=True)
         return ChunkAttention(put(self.tokens), put(self.tables), put(self.pad_index),
-                              put(self.valid), mask, fresh)  # fmt: skip
+                              put(self.valid), mask, fresh, cu)  # fmt: skip
 
     def _mask(
         self, starts: torch.Tensor, lengths: torch.Tensor, device: torch.device, groups: int
