@@ -11,10 +11,19 @@ command read from stdin:
   the benchmark process is doing then, e.g. in the middle of ``generate``) and frees it
   ``hold_s`` seconds after it landed;
 * ``release`` - free the spike now and cancel a pending ``spike_at`` (the ballast stays);
+* ``grow_to <bytes> <chunk_bytes> <deadline_s>`` - answer at once; a thread of this
+  process then holds ``bytes`` in all (beyond the ballast) as a polite tenant would take
+  memory: ``chunk_bytes`` at a time, and when the device is full it waits 10 ms and tries
+  again, for up to ``deadline_s`` seconds, then gives up keeping what it got. Less than it
+  holds frees the difference at once;
 * ``quit``.
 
 Each answer is ``ok <bytes held now>``. Whenever a spike lands or is freed the process
-also writes ``event spike <t> <spike bytes>`` / ``event release <t> 0``, ``t`` being
+also writes ``event spike <t> <spike bytes>`` / ``event release <t> 0``; a ``grow_to``
+writes ``event grow_start <t> <bytes held>``, ``event held <t> <bytes>`` after every chunk
+taken, then ``event grown <t> <bytes> <retries>``
+(reached), ``event gave_up <t> <bytes> <retries>`` (deadline passed) or ``event shrunk <t>
+<bytes>``, ``retries`` counting the allocations the full device refused; ``t`` being
 ``time.monotonic()`` (CLOCK_MONOTONIC: one clock for every process of the machine), so
 the benchmark knows when the memory was really taken. On CPU it holds host memory
 instead (a spike of ``fraction`` x 64 MiB): the benchmark emulates the effect with an
@@ -51,6 +60,7 @@ class NeighbourEvent:
     kind: str
     t: float
     spike_bytes: int
+    retries: int = 0
 
 
 class Neighbour:
@@ -90,6 +100,11 @@ class Neighbour:
     def release(self) -> int:
         return self.call("release")
 
+    def grow_to(self, nbytes: int, chunk_bytes: int, deadline_s: float) -> int:
+        """Start taking (or freeing) memory up to ``nbytes``; returns at once, the
+        outcome arrives as events (``grown``, ``gave_up``, ``shrunk``)."""
+        return self.call(f"grow_to {int(nbytes)} {int(chunk_bytes)} {float(deadline_s)}")
+
     def call(self, command: str) -> int:
         self._send(command)
         self.held = int(self._expect("ok").split()[1])
@@ -121,7 +136,8 @@ class Neighbour:
         self._answers.put(None)  # the process is gone
 
     def _event(self, words: list[str]) -> None:
-        event = NeighbourEvent(words[1], float(words[2]), int(words[3]))
+        retries = int(words[4]) if len(words) > 4 else 0
+        event = NeighbourEvent(words[1], float(words[2]), int(words[3]), retries)
         self.events.append(event)
         callback = self.on_event
         if callback is not None:
@@ -211,9 +227,67 @@ class _Holder:
             with self.lock:
                 self._cancel()
                 self._release()
+        elif command == "grow_to":
+            self.start_growth(int(words[1]), int(words[2]), float(words[3]))
         elif command == "quit":
             return False
         return True
+
+    def start_growth(self, target: int, chunk: int, deadline_s: float) -> None:
+        """Start the thread of one ``grow_to`` (a pending spike or growth is cancelled)."""
+        stop = threading.Event()
+        with self.lock:
+            self._cancel()
+            self._stop = stop
+        args = (target, max(MIN_BLOCK // 4, chunk), deadline_s, stop)
+        threading.Thread(target=self._grow, args=args, name="grow", daemon=True).start()
+
+    def _grow(self, target: int, chunk: int, deadline_s: float, stop: threading.Event) -> None:
+        started = time.monotonic()
+        _say(f"event grow_start {started:.6f} {self._spike_bytes()}", self.out_lock)
+        if self._spike_bytes() > target:
+            with self.lock:
+                while self.spike and self._spike_bytes() > target:
+                    self.spike.pop()
+                self._empty_cache()
+            _say(f"event shrunk {time.monotonic():.6f} {self._spike_bytes()}", self.out_lock)
+            return
+        retries = 0
+        while not stop.is_set():
+            with self.lock:
+                left = target - self._spike_bytes()
+                if left < MIN_BLOCK // 4:
+                    break
+                taken = self._try_take(min(chunk, left))
+            if taken:
+                _say(f"event held {time.monotonic():.6f} {self._spike_bytes()}", self.out_lock)
+                continue
+            retries += 1
+            if time.monotonic() - started > deadline_s:
+                _say(f"event gave_up {time.monotonic():.6f} {self._spike_bytes()} {retries}",
+                     self.out_lock)  # fmt: skip
+                return
+            stop.wait(0.01)  # the device is full: wait for memory to come back
+        if not stop.is_set():
+            _say(f"event grown {time.monotonic():.6f} {self._spike_bytes()} {retries}",
+                 self.out_lock)  # fmt: skip
+
+    def _try_take(self, size: int) -> bool:
+        try:
+            self.spike.append(self.torch.ones(size, dtype=self.torch.uint8, device=self.device))
+        except RuntimeError:  # OutOfMemoryError included
+            return False
+        if self.device == "cuda":
+            self.torch.cuda.synchronize()  # really taken now, not when the fill runs
+        return True
+
+    def _spike_bytes(self) -> int:
+        return sum(int(b.numel()) for b in self.spike)
+
+    def _empty_cache(self) -> None:
+        if self.device == "cuda":
+            self.torch.cuda.synchronize()
+            self.torch.cuda.empty_cache()
 
     def schedule(self, delay_s: float, fraction: float, hold_s: float) -> None:
         """Start the timer thread of one spike (a pending one is cancelled)."""

@@ -25,6 +25,7 @@ def write_all(results: dict[str, Any], out: Path) -> list[Path]:
         "adaptive": _adaptive,
         "oom": _oom,
         "system": _system,
+        "elastic": _elastic,
     }
     written = []
     for name, make in makers.items():
@@ -173,6 +174,31 @@ def _oom(fig: Any, d: dict[str, Any]) -> None:
                 fontsize=8,
             )
         right.set(ylabel="requests completed", title=f"W4 OOM pressure ({w4['requests']} requests)")
+
+
+def _elastic(fig: Any, d: dict[str, Any]) -> None:
+    """One time axis: AEGIS's pool and the neighbour's memory (left axis, GiB) and AEGIS's
+    tokens/s per window (right axis); the static run's neighbour beside it."""
+    ax = fig.add_subplot(1, 1, 1)
+    gib = float(1 << 30)
+    aegis = d["aegis"]
+    pool = aegis.get("pool", [])
+    ax.step([t for t, _ in pool], [b / gib for _, b in pool], where="post", label="AEGIS KV pool")
+    neighbours = (("aegis", "neighbour (AEGIS elastic)", "-"),
+                  ("aegis_agent_off", "neighbour (AEGIS static pool)", ":"))  # fmt: skip
+    for key, label, style in neighbours:
+        held = d.get(key, {}).get("neighbour_held", [])
+        ax.step([t for t, _ in held], [b / gib for _, b in held], style, where="post", label=label)
+    ax.set(xlabel="seconds since the run began", ylabel="GiB")
+    rate = ax.twinx()
+    rows = aegis.get("timeline", [])
+    rate.plot([end for _, end, _ in rows],
+              [tok / max(end - start, 1e-9) for start, end, tok in rows],
+              color="C3", alpha=0.5, label="AEGIS tokens/s")  # fmt: skip
+    rate.set_ylabel("tokens/s")
+    lines, labels = ax.get_legend_handles_labels()
+    more, more_labels = rate.get_legend_handles_labels()
+    ax.legend(lines + more, labels + more_labels, fontsize=7, loc="upper right")
 
 
 def _system(fig: Any, d: dict[str, Any]) -> None:

@@ -83,6 +83,7 @@ def markdown(results: dict[str, Any], images: list[str]) -> str:
         "adaptive": _adaptive_md,
         "oom": _oom_md,
         "system": _system_md,
+        "elastic": _elastic_md,
     }
     for name, build in sections.items():
         data = results.get("scenarios", {}).get(name)
@@ -112,6 +113,42 @@ def _bursty_md(d: dict[str, Any]) -> list[str]:
     rows = [[name, *[s.get(k) for k in keys], s.get("note") or "-"] for name, s in systems]
     return lines + table(["system", "tok/s", "answered", "TTFT p50 s", "TTFT p99 s",
                           "e2e p50 s", "e2e p99 s", "drain s", "note"], rows)  # fmt: skip
+
+
+ELASTIC_SYSTEMS = (
+    ("aegis", "AEGIS, agent on (elastic pool)"),
+    ("aegis_agent_off", "AEGIS, agent off (static pool)"),
+    ("hf_static", "HF eager, batch-at-a-time"),
+)
+
+
+def _elastic_md(d: dict[str, Any]) -> list[str]:
+    cfg, card = d["config"], d["card"]
+    phases = ", ".join(f"{int(100 * p['fraction'])} % at {p['at_s']} s" for p in cfg["phases"])
+    kind = "a virtual card (CPU)" if card["virtual"] else "the card"
+    lines = [
+        f"{d['requests']} requests at {cfg['rate']}/s for {cfg['seconds']} s. A neighbour "
+        f"process takes {phases} of the contested memory ({card['contested'] / 2**30:.1f} "
+        f"GiB of {kind}'s {card['total_bytes'] / 2**30:.1f} GiB: free + AEGIS's starting "
+        f"pool of {card['start_pool_bytes'] / 2**30:.1f} GiB), {cfg['chunk_bytes'] / 2**30:.2f}"
+        f" GiB at a time, retrying for {cfg['neighbour_deadline_s']} s when the card is full.",
+        "",
+    ]
+    systems = [(label, d[key]) for key, label in ELASTIC_SYSTEMS
+               if isinstance(d.get(key), dict) and "error" not in d[key]]  # fmt: skip
+    segments = ["before"] + [f"phase_{i + 1}" for i in range(len(cfg["phases"]))]
+    rows = [[label, s["completed"], s["failed"], s.get("oom_events", 0),
+             *[s.get(f"tokens_per_s_{k}") for k in segments], s.get("max_resize_pause_s", "-")]
+            for label, s in systems]  # fmt: skip
+    lines += table(["system", "answered", "failed/lost", "OOM", "tok/s before",
+                    *[f"tok/s {p['fraction']:.0%}" for p in cfg["phases"]], "longest resize s"],
+                   rows)  # fmt: skip
+    lines += ["", "The neighbour's growths (wait: from its first allocation to holding its "
+              "target, or giving up):", ""]  # fmt: skip
+    rows = [[label, f"{g['target_gib']} GiB", g["outcome"], g["held_gib"], g["wait_s"],
+             g["refused_allocations"]] for label, s in systems for g in s["neighbour"]]  # fmt: skip
+    return lines + table(["system", "target", "outcome", "held GiB", "wait s",
+                          "refused allocations"], rows)  # fmt: skip
 
 
 def _sweep_md(d: dict[str, Any]) -> list[str]:

@@ -22,6 +22,7 @@ from experiments.measure import RunResult, sync
 from services.agent.memory_model import Coefficients, MemoryModel
 from services.agent.policy import (
     AgentPolicy,
+    MemoryView,
     Observation,
     PolicyConfig,
     PolicyDecision,
@@ -58,6 +59,7 @@ class CycleRecord:
     waiting: int = 0
     kv_usage: float = 0.0
     preemptions: int = 0
+    kv_pool_bytes: int = 0
 
 
 @dataclass
@@ -67,6 +69,9 @@ class ClosedLoop:
     policy: AgentPolicy
     state: WorkerControlState
     decisions: list[dict[str, Any]] = field(default_factory=list)
+    # The GPU as the agent sees it, from a window (default: the worker's own NVML reading;
+    # a benchmark on CPU gives a virtual card here).
+    memory_view: Callable[[CycleStats], MemoryView | None] | None = None
 
     @classmethod
     def start(
@@ -79,7 +84,10 @@ class ClosedLoop:
         self, cycle: CycleStats, ooms: Sequence[OomEvent], t_rel: float
     ) -> ControlSettings | None:
         """Feed one window; the new settings when the policy changed them."""
-        memory = cycle_memory_view(cycle, self.policy.config.overhead_bytes)
+        if self.memory_view is not None:
+            memory = self.memory_view(cycle)
+        else:
+            memory = cycle_memory_view(cycle, self.policy.config.overhead_bytes)
         obs = Observation(ts=time.time(), memory=memory, cycles=[cycle], ooms=list(ooms))
         decision = self.policy.decide(self.state, obs)
         if decision is None:
@@ -266,6 +274,7 @@ def _cycle_record(
         waiting=cycle.waiting,
         kv_usage=round(cycle.kv_usage, 4),
         preemptions=cycle.preemptions,
+        kv_pool_bytes=cycle.kv_pool_bytes or 0,
     )
 
 

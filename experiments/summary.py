@@ -36,11 +36,28 @@ def summary_rows(results: dict[str, Any]) -> list[Row]:
         "adaptive": _adaptive_summary,
         "oom": _oom_summary,
         "system": _system_summary,
+        "elastic": _elastic_summary,
     }
     for name, build in builders.items():
         data = scenario_data(results, name)
         if data is not None:
             rows += build(data)
+    return rows
+
+
+def _elastic_summary(data: dict[str, Any]) -> list[Row]:
+    """The neighbour's waits next to AEGIS's pool: the longest wait for its memory with
+    AEGIS elastic vs with the same pool static (agent off)."""
+    rows: list[Row] = []
+    aegis, static = data.get("aegis"), data.get("aegis_agent_off")
+    if not isinstance(aegis, dict) or not isinstance(static, dict):
+        return rows
+    rows.append(("elastic", "requests lost, neighbour 60 % then 90 %", aegis["failed"],
+                 "same pool, agent off", static["failed"], None))  # fmt: skip
+    got = sum(g["outcome"] != "gave_up" for g in aegis["neighbour"])
+    got_static = sum(g["outcome"] != "gave_up" for g in static["neighbour"])
+    rows.append(("elastic", "neighbour allocations that succeeded", got,
+                 "same pool, agent off", got_static, None))  # fmt: skip
     return rows
 
 

@@ -193,7 +193,8 @@ class PolicyDecision:
         )
 
     def summary(self) -> str:
-        """``batch 16->32`` (and/or precision, max_seq_len) followed by the reason."""
+        """``batch 16->32`` (and/or precision, max_seq_len, max_batched_tokens, KV budget)
+        followed by the reason."""
         b, a = self.before, self.after
         parts = [
             f"{name} {x}->{y}"
@@ -201,10 +202,16 @@ class PolicyDecision:
                 ("batch", b.batch_size, a.batch_size),
                 ("precision", b.precision, a.precision),
                 ("max_seq_len", b.max_seq_len, a.max_seq_len),
+                ("max_batched_tokens", b.max_batched_tokens, a.max_batched_tokens),
+                ("kv_budget", _gib_text(b.kv_budget_bytes), _gib_text(a.kv_budget_bytes)),
             )
             if x != y
         ]
         return f"{', '.join(parts) or 'no change'} ({self.reason})"
+
+
+def _gib_text(nbytes: int) -> str:
+    return f"{nbytes / (1 << 30):.2f}GiB" if nbytes else "auto"
 
 
 def length_bucket(seq_len: int) -> int:

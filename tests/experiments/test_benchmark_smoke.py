@@ -16,7 +16,7 @@ from experiments import workloads
 from experiments.benchmark import main
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-CORE = ("sweep", "bursty", "memory", "adaptive", "oom")
+CORE = ("sweep", "bursty", "memory", "adaptive", "oom", "elastic")
 ARGS = ["--scale", "tiny", "--device", "cpu", "--threads", "1", "--no-progress", "--seed", "0"]
 
 
@@ -141,6 +141,28 @@ def test_w3_neighbour_spike_is_time_based(core: tuple[Path, dict[str, Any]]) -> 
     assert w3["aegis"]["failed"] == 0 and w3["aegis"]["oom_events"] == w3["aegis"]["recoveries"]
 
 
+def test_elastic_pool_makes_room_for_the_neighbour_and_takes_it_back(
+    core: tuple[Path, dict[str, Any]],
+) -> None:
+    elastic = core[1]["scenarios"]["elastic"]
+    aegis, static = elastic["aegis"], elastic["aegis_agent_off"]
+    for run in (aegis, static, elastic["hf_static"]):
+        assert run["completed"] == elastic["requests"] > 0 and run["failed"] == 0
+        assert [g["outcome"] for g in run["neighbour"]] == ["grown", "grown", "shrunk"]
+    # The agent shrank the pool while the neighbour grew and grew it back after it left.
+    sizes = [r["blocks_after"] for r in aegis["resizes"]]
+    smallest = sizes.index(min(sizes))
+    assert 0 < smallest < len(sizes) - 1, sizes
+    assert sizes[-1] > sizes[smallest] and sizes[smallest] < sizes[0]
+    assert any("kv_budget" in d["summary"] for d in aegis["decisions"])
+    pools = [b for _, b in aegis["pool"]]
+    assert min(pools) < pools[0] and pools[-1] > min(pools)
+    # Agent off: the pool stays as it started (one resize: to the starting size).
+    assert len(static["resizes"]) == 1 and static["decisions"] == []
+    assert all(b == static["pool"][0][1] for _, b in static["pool"])
+    assert aegis["tokens_per_s_before"] > 0 and "tokens_per_s_phase_3" in aegis
+
+
 def test_bursty_arrivals_are_served_as_they_come(core: tuple[Path, dict[str, Any]]) -> None:
     bursty = core[1]["scenarios"]["bursty"]
     aegis, peer = bursty["aegis"], bursty["hf_static"]
@@ -158,7 +180,8 @@ def test_markdown_and_plots(core: tuple[Path, dict[str, Any]]) -> None:
     out, _ = core
     md = (out / "results.md").read_text()
     assert "| scenario | measure | AEGIS | peer | peer value | AEGIS/peer |" in md
-    for heading in ("## sweep", "## bursty", "## memory", "## adaptive", "## oom", "### W3"):
+    for heading in ("## sweep", "## bursty", "## memory", "## adaptive", "## oom", "### W3",
+                    "## elastic"):  # fmt: skip
         assert heading in md
     assert "paged\\|sdpa" in md  # pipes inside cells are escaped
     for name in CORE:

@@ -167,6 +167,7 @@ class EngineCore:
         self._steps_since_oom = 0
         self.steps = 0
         self._precision_saved: int | None = None  # by the last precision change, read once
+        self.resizes: list[ResizeReport] = []  # every live pool resize, oldest first
 
     # -- requests -------------------------------------------------------------------------
 
@@ -531,7 +532,9 @@ class EngineCore:
         self.runner.resize(blocks, moves, kept)
         self.scheduler.pool = BlockPool.holding(blocks, self.runner.block_size, used)
         self.kv_budget_bytes = budget_bytes
-        return ResizeReport(old, blocks, len(moves), preempted, time.perf_counter() - started)
+        report = ResizeReport(old, blocks, len(moves), preempted, time.perf_counter() - started)
+        self.resizes.append(report)
+        return report
 
     def _new_runner(self, budget: int) -> ModelRunner:
         cfg = self.config
