@@ -27,7 +27,7 @@ class AgentSettings(CommonSettings):
     worker_idle_s: float = Field(default=120.0, gt=0)  # no telemetry-only decisions after
     replay_events: bool = False  # read the streams from the start instead of from now
     # -- settings written for a worker that has none -----------------------------------------
-    default_batch_size: int = Field(default=8, ge=1)
+    default_batch_size: int = Field(default=256, ge=1)
     default_max_seq_len: int = Field(default=2048, ge=16)
     default_precision: Precision = "bf16"
     # -- memory model prior (TinyLlama at bf16, ARCHITECTURE.md) ----------------------------

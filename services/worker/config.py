@@ -48,7 +48,7 @@ class WorkerSettings(CommonSettings):
     device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     precision: PrecisionChoice = "auto"
     # Initial settings until the agent writes some. batch_size: max concurrent sequences.
-    batch_size: int = Field(default=64, ge=1, le=4096)
+    batch_size: int = Field(default=256, ge=1, le=4096)
     max_seq_len: int = Field(default=0, ge=0)  # 0: the model's context length
     # Tokens one engine step computes at most (prompt chunks + decodes).
     max_batched_tokens: int = Field(default=4096, ge=16)
