@@ -233,6 +233,7 @@ class DecisionAction(StrEnum):
     CAP_SEQ = "cap_seq"
     RELAX_SEQ = "relax_seq"
     KV_BUDGET = "kv_budget"
+    TTFT = "ttft"  # the step token budget moved for the time-to-first-token target
 
 
 class Decision(_Wire):

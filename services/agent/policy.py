@@ -91,6 +91,7 @@ class AgentPolicy:
             lambda: self._kv_budget(state, ctx),
             lambda: self._over_budget(state, ctx),
             lambda: self._over_watermark(state, ctx),
+            lambda: self._ttft_target(state, ctx),
             lambda: self._long_sequences(state, ctx),
             lambda: self._plateau(state, ctx),
             lambda: self._grow(state, ctx),
@@ -454,9 +455,58 @@ class AgentPolicy:
             return None
         return self._change(state, ctx, DecisionAction.SHRINK, why, batch_size=best)
 
+    def _ttft_target(self, state: WorkerControlState, ctx: _Context) -> PolicyDecision | None:
+        """Keep the p95 time to first token under the target (``AEGIS_TTFT_TARGET_MS``).
+
+        Requests waiting for a slot while every slot is taken: more slots (memory
+        permitting). Otherwise prefill is too slow inside the steps: a larger step token
+        budget, so waiting prompts get more of each step; at the largest, fewer
+        sequences per step (each step gets faster; tokens/s is what is given up). The
+        decision's inputs keep the p95, the target, tokens/s and the queue, so the log
+        shows the trade-off."""
+        cfg = self.config
+        last = state.recent[-1] if state.recent else None
+        if cfg.ttft_target_ms is None or last is None or last.ttft_p95_s is None:
+            return None
+        target_s = cfg.ttft_target_ms / 1000
+        if last.ttft_p95_s <= target_s or not self._cooled(state, ctx.now, grow=False):
+            return None
+        s = state.settings
+        ctx.inputs.update(ttft_p95_s=round(last.ttft_p95_s, 4), ttft_target_s=target_s,
+                          running=last.running, waiting=last.waiting,
+                          max_batched_tokens=last.max_batched_tokens)  # fmt: skip
+        why = f"TTFT p95 {1000 * last.ttft_p95_s:.0f} ms > target {cfg.ttft_target_ms:.0f} ms"
+        safe = ctx.pressure is None or ctx.pressure < cfg.high_watermark
+        if last.waiting and last.running >= s.batch_size and safe:
+            fit = self._target_fit(state, ctx) or cfg.max_batch
+            batch = self._clamp(min(math.ceil(s.batch_size * cfg.grow_factor), fit))
+            if batch > s.batch_size:
+                why += f" with {last.waiting} waiting for a slot"
+                return self._change(state, ctx, DecisionAction.GROW, why, batch_size=batch)
+        tokens = s.max_batched_tokens or last.max_batched_tokens
+        if tokens and tokens < cfg.max_step_tokens:
+            bigger = min(cfg.max_step_tokens, 2 * tokens)
+            why += ": prefill gets more of each step"
+            return self._change(state, ctx, DecisionAction.TTFT, why, max_batched_tokens=bigger)
+        batch = self._clamp(int(s.batch_size * cfg.shrink_factor))
+        if batch >= s.batch_size:
+            return None
+        why += f": fewer sequences per step ({last.running} running)"
+        return self._change(state, ctx, DecisionAction.SHRINK, why, batch_size=batch)
+
+    def _ttft_blocks_growth(self, state: WorkerControlState) -> bool:
+        """Near or over the TTFT target, concurrency does not grow for throughput."""
+        last = state.recent[-1] if state.recent else None
+        target = self.config.ttft_target_ms
+        if target is None or last is None or last.ttft_p95_s is None:
+            return False
+        return 1000 * last.ttft_p95_s > 0.8 * target
+
     def _grow(self, state: WorkerControlState, ctx: _Context) -> PolicyDecision | None:
         cfg = self.config
         s = state.settings
+        if self._ttft_blocks_growth(state):
+            return None
         # Every reading since the cooldown began below the low watermark: noise won't grow.
         readings = list(state.pressures)[-cfg.grow_cooldown_cycles :] if ctx.pressure else []
         low = all(p < cfg.low_watermark for p in [*readings, ctx.pressure or 0.0])

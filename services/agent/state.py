@@ -66,6 +66,11 @@ class PolicyConfig:
     kv_target_fraction: float = 0.90
     kv_resize_min: float = 0.10  # a smaller relative change is not worth a resize
     min_kv_bytes: int = 256 << 20
+    # Goodput: keep the p95 time to first token under this (None: no target). Levers, in
+    # order: more slots when requests wait for one, a larger step token budget (prefill
+    # gets more of each step, up to max_step_tokens), fewer sequences per step.
+    ttft_target_ms: float | None = None
+    max_step_tokens: int = 32768
 
     def __post_init__(self) -> None:
         if not 0 < self.low_watermark < self.grow_target < self.high_watermark < 1:

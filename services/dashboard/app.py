@@ -37,6 +37,14 @@ READ_ERRORS = (RecordsError, OSError, ValueError)
 # Cycle columns drawn together, one line style per series (the first solid).
 RUNNING = {"running": "running", "waiting": "waiting"}
 TTFT = {"ttft_p50_s": "p50", "ttft_p95_s": "p95"}
+TTFT_NOTE = (
+    "With AEGIS_TTFT_TARGET_MS set, the dashed line is the target the agent keeps the p95 "
+    "under (its decisions say which lever it moved and what tokens/s it gave up)."
+)
+POOL_NOTE = (
+    "The agent shrinks the pool when other processes take GPU memory and grows it back "
+    "when they free it; other processes = NVML used - this worker's torch reservation."
+)
 ITL = {"itl_p50_s": "p50", "itl_p95_s": "p95"}
 PHASES = {"decode_tokens": "decode", "prefill_tokens": "prefill"}
 KV_TOOLTIP = (
@@ -171,7 +179,9 @@ class Section(NamedTuple):
     note: str = ""
 
 
-def _sections(snapshot: Snapshot, timeline: charts.Timeline, max_points: int) -> list[Section]:
+def _sections(
+    snapshot: Snapshot, timeline: charts.Timeline, max_points: int, ttft_target_ms: float | None
+) -> list[Section]:
     """The time charts in page order (two per row): the engine core's first."""
     cycles, telemetry = snapshot.cycles, snapshot.telemetry
 
@@ -206,6 +216,12 @@ def _sections(snapshot: Snapshot, timeline: charts.Timeline, max_points: int) ->
     kv = engine.kv_series(cycles)
     kv_chart = lines(kv, "pct", "% of KV blocks", "worker_id", extra=KV_TOOLTIP)
     pools = engine.kv_pools(kv)
+    ttft = pair(TTFT, "TTFT s")
+    if ttft is not None and ttft_target_ms is not None:
+        ttft = charts.with_target(ttft, ttft_target_ms / 1000, "target")
+    tenants = lines(
+        engine.pool_and_tenants(cycles), "gib", "pool / other GiB", "worker_id", "series"
+    )
     return [
         Section("tokens", "Tokens/s", per_worker("tokens_per_s", "tokens/s"), NO_CYCLES),
         Section("running", "Running / waiting sequences", pair(RUNNING, "sequences"), NO_CORE),
@@ -216,12 +232,13 @@ def _sections(snapshot: Snapshot, timeline: charts.Timeline, max_points: int) ->
             per_worker("preemptions", "preemptions"),
             NO_CORE,
         ),
-        Section("ttft", "Time to first token p50/p95", pair(TTFT, "TTFT s"), NO_CORE),
+        Section("ttft", "Time to first token p50/p95", ttft, NO_CORE, TTFT_NOTE),
         Section("itl", "Inter-token latency p50/p95", pair(ITL, "inter-token s"), NO_CORE),
         Section("prefill", "Prefill / decode tokens per window", pair(PHASES, "tokens"), NO_CORE),
         Section(
             "batch", "Max running sequences", per_worker("batch_size", "max running"), NO_CYCLES
         ),
+        Section("pool", "KV pool vs other processes' GPU memory", tenants, NO_CORE, POOL_NOTE),
         Section("memory", MEMORY_TITLES[memory.source], memory_chart, "No memory readings"),
         Section(
             "worker-memory",
@@ -236,12 +253,15 @@ def _sections(snapshot: Snapshot, timeline: charts.Timeline, max_points: int) ->
     ]
 
 
-def _charts(snapshot: Snapshot, max_points: int, start: float | None, end: float) -> None:
-    """The time charts over [start, end], each with the decision and OOM marks."""
+def _charts(snapshot: Snapshot, view: View) -> None:
+    """The time charts over the view's window, each with the decision and OOM marks."""
     timeline = charts.Timeline(
-        data.decision_marks(snapshot.decisions), data.oom_marks(snapshot.oom_events), start, end
+        data.decision_marks(snapshot.decisions),
+        data.oom_marks(snapshot.oom_events),
+        view.since,
+        view.now,
     )
-    sections = _sections(snapshot, timeline, max_points)
+    sections = _sections(snapshot, timeline, view.max_points, view.ttft_target_ms)
     # A row of columns per pair keeps the rows aligned when a chart is only a caption.
     for row in range(0, len(sections), 2):
         for column, section in zip(st.columns(2), sections[row : row + 2], strict=False):
@@ -290,6 +310,7 @@ class View(NamedTuple):
     now: float
     filters: Filters
     max_points: int
+    ttft_target_ms: float | None = None
 
 
 def _page(snapshot: Snapshot, dead: DeadLetters | str, view: View) -> None:
@@ -306,7 +327,7 @@ def _page(snapshot: Snapshot, dead: DeadLetters | str, view: View) -> None:
         )
         return
     _headline(snapshot, dead)
-    _charts(snapshot, view.max_points, view.since, view.now)
+    _charts(snapshot, view)
     _tables(snapshot)
     _dead_letters_section(dead, view.filters)
 
@@ -353,7 +374,9 @@ def _live(settings: DashboardSettings, window: str, filters: Filters) -> None:
     dead = _read_dead_letters(settings, since)
     try:
         shown = source.filter_snapshot(snapshot, filters)
-        _page(shown, dead, View(window, since, started, filters, max(100, max_rows // 4)))
+        view = View(window, since, started, filters, max(100, max_rows // 4),
+                    settings.ttft_target_ms)  # fmt: skip
+        _page(shown, dead, view)
     except Exception as exc:  # a bad row must not take the page down: say so and go on
         log.exception("drawing the dashboard failed")
         st.error(f"Could not draw the records: {type(exc).__name__}: {exc}")

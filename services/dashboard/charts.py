@@ -149,6 +149,22 @@ def time_chart(
     return alt.LayerChart(layer=layers, height=CHART_HEIGHT)
 
 
+def with_target(chart: alt.LayerChart, value: float, label: str) -> alt.LayerChart:
+    """``chart`` with a dashed horizontal rule at ``value`` (a target), labelled."""
+    target = pd.DataFrame({"value": [value], "label": [label]})
+    rule = (
+        alt.Chart(target)
+        .mark_rule(color=THRESHOLD_COLOR, strokeDash=[6, 4])
+        .encode(y="value:Q", tooltip=["label:N", alt.Tooltip("value:Q", format=".3f")])
+    )
+    text = (
+        alt.Chart(target)
+        .mark_text(align="left", dx=4, dy=-6, color=THRESHOLD_COLOR)
+        .encode(x=alt.value(0), y="value:Q", text="label:N")
+    )
+    return alt.LayerChart(layer=[*chart.layer, rule, text], height=chart.height)
+
+
 def memory_chart(
     memory: pd.DataFrame, thresholds: pd.DataFrame, timeline: Timeline
 ) -> alt.LayerChart:

@@ -21,3 +21,6 @@ class DashboardSettings(CommonSettings):
     # keeps a Redis outage from stalling the page; at most this many are listed.
     redis_timeout_s: float = Field(default=0.5, gt=0, le=10)
     dead_letter_rows: int = Field(default=100, ge=1, le=1000)
+    # The agent's time-to-first-token target (the same AEGIS_TTFT_TARGET_MS): drawn as a
+    # line on the TTFT chart when set.
+    ttft_target_ms: float | None = Field(default=None, gt=0)

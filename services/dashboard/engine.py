@@ -153,6 +153,31 @@ def worker_memory_series(cycles: pd.DataFrame) -> pd.DataFrame:
     return frame.rename(columns={"value": "gib"})
 
 
+def pool_and_tenants(cycles: pd.DataFrame) -> pd.DataFrame:
+    """Each worker's KV pool beside the GPU memory of every other process, in GiB
+    (``time, worker_id, series, gib``): what the agent sizes the pool against.
+
+    "other processes": the driver's used memory (NVML) less what this worker's torch holds
+    (``memory_reserved_bytes``, the pool included), so another tenant's allocation shows
+    up as this line rising while the pool line falls. Cycles without an NVML reading (a
+    CPU worker) give only the pool; no pool at all gives nothing.
+    """
+    columns = ["time", "worker_id", "series", "gib"]
+    if cycles.empty or "kv_pool_bytes" not in cycles.columns:
+        return pd.DataFrame(columns=columns)
+    pool = pd.to_numeric(cycles["kv_pool_bytes"], errors="coerce")
+    parts = [cycles.assign(series="KV pool", gib=pool / GIB)[pool > 0]]
+    if parts[0].empty:  # no paged pool (the HF fallback, an older database): nothing to set
+        return pd.DataFrame(columns=columns)  # the other processes against
+    if {"nvml_used_bytes", "memory_reserved_bytes"} <= set(cycles.columns):
+        used = pd.to_numeric(cycles["nvml_used_bytes"], errors="coerce")
+        own = pd.to_numeric(cycles["memory_reserved_bytes"], errors="coerce")
+        other = (used - own).clip(lower=0) / GIB
+        parts.append(cycles.assign(series="other processes", gib=other)[other.notna()])
+    frame = pd.concat([p[columns] for p in parts], ignore_index=True)
+    return frame.sort_values(["time", "series"], kind="stable").reset_index(drop=True)
+
+
 @dataclass(frozen=True)
 class RequestOutcomes:
     """How the window's recorded requests finished."""

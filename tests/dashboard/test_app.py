@@ -28,6 +28,7 @@ CORE_TITLES = (
     "Time to first token p50/p95",
     "Inter-token latency p50/p95",
     "Prefill / decode tokens per window",
+    "KV pool vs other processes' GPU memory",
 )
 OTHER_TITLES = (
     "Tokens/s",
@@ -133,6 +134,9 @@ def assert_core_charts(app: AppTest) -> None:
     assert (last(phases, "w1", series="prefill"), last(phases, "w1", series="decode")) == (129, 229)
     most_running, _ = chart(app, "max running")
     assert last(most_running, "w1") == 16
+    tenants, _ = chart(app, "pool / other GiB")  # NVML used 30 GiB - 10 GiB reserved
+    assert last(tenants, "w1", "gib", series="KV pool") == 2.0
+    assert last(tenants, "w2", "gib", series="other processes") == 20.0
     memory, _ = chart(app, "worker GiB")
     assert (
         last(memory, "w1", "gib", series="held"),
@@ -192,6 +196,34 @@ def test_postgres_metrics_tables_and_banner(
     monkeypatch: pytest.MonkeyPatch, pg_schema_url: str
 ) -> None:
     assert_seeded_page(run_app(monkeypatch, pg_schema_url))
+
+
+def _mark(layer: dict) -> str | None:
+    mark = layer.get("mark")
+    return mark.get("type") if isinstance(mark, dict) else mark
+
+
+def test_ttft_target_is_drawn_on_the_ttft_chart(
+    monkeypatch: pytest.MonkeyPatch, sqlite_url: str
+) -> None:
+    def target_rules(app: AppTest) -> list[float]:
+        for element in app.get("vega_lite_chart"):
+            spec = json.loads(element.proto.spec)
+            if spec["layer"][0]["encoding"]["y"].get("title") != "TTFT s":
+                continue
+            names = [
+                lay["data"]["name"]
+                for lay in spec["layer"]
+                if _mark(lay) == "rule" and lay["encoding"].get("y", {}).get("field") == "value"
+            ]
+            tables = [pa.ipc.open_stream(d.data.data).read_all().to_pandas()
+                      for d in element.proto.datasets if d.name in names]  # fmt: skip
+            return [float(v) for t in tables for v in t["value"]]
+        raise AssertionError("no TTFT chart")
+
+    assert target_rules(run_app(monkeypatch, sqlite_url)) == []
+    monkeypatch.setenv("AEGIS_TTFT_TARGET_MS", "200")
+    assert target_rules(run_app(monkeypatch, sqlite_url)) == [0.2]
 
 
 def test_window_all_counts_old_oom(monkeypatch: pytest.MonkeyPatch, sqlite_url: str) -> None:

@@ -130,3 +130,20 @@ def test_worker_memory_in_gib_and_cpu_without_reservation() -> None:
     rows = memory[["worker_id", "series", "gib"]].values.tolist()
     assert sorted(rows) == [["cpu", "held", 0.5], ["gpu", "held", 3.0], ["gpu", "reserved", 8.0]]
     assert engine.worker_memory_series(frame()).empty
+
+
+def test_pool_beside_other_processes_memory() -> None:
+    cycles = frame(
+        core(T0, "gpu", kv_pool_bytes=8 * GIB, nvml_used_bytes=50 * GIB,
+             memory_reserved_bytes=12 * GIB),
+        core(T0 + 1, "gpu", kv_pool_bytes=4 * GIB, nvml_used_bytes=50 * GIB,
+             memory_reserved_bytes=8 * GIB),
+        core(T0, "cpu", kv_pool_bytes=GIB // 4, nvml_used_bytes=None, memory_reserved_bytes=None),
+    )  # fmt: skip
+    rows = engine.pool_and_tenants(cycles)[["worker_id", "series", "gib"]].values.tolist()
+    assert sorted(rows) == sorted([
+        ["gpu", "KV pool", 8.0], ["gpu", "other processes", 38.0],
+        ["gpu", "KV pool", 4.0], ["gpu", "other processes", 42.0],
+        ["cpu", "KV pool", 0.25],
+    ])  # fmt: skip
+    assert engine.pool_and_tenants(frame()).empty
