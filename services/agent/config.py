@@ -70,7 +70,7 @@ class AgentSettings(CommonSettings):
     kv_resize_min: float = Field(default=0.10, gt=0, lt=1)
     min_kv_bytes: int = Field(default=256 << 20, ge=0)
     ttft_target_ms: float | None = Field(default=None, gt=0)  # AEGIS_TTFT_TARGET_MS
-    max_step_tokens: int = Field(default=32768, ge=16)
+    max_step_tokens: int = Field(default=16384, ge=16)
 
     @model_validator(mode="after")
     def _consistent(self) -> AgentSettings:

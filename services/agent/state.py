@@ -70,7 +70,7 @@ class PolicyConfig:
     # order: more slots when requests wait for one, a larger step token budget (prefill
     # gets more of each step, up to max_step_tokens), fewer sequences per step.
     ttft_target_ms: float | None = None
-    max_step_tokens: int = 32768
+    max_step_tokens: int = 16384  # 2x the worker's default step: inside its profiled margin
 
     def __post_init__(self) -> None:
         if not 0 < self.low_watermark < self.grow_target < self.high_watermark < 1:

@@ -51,7 +51,7 @@ class WorkerSettings(CommonSettings):
     batch_size: int = Field(default=256, ge=1, le=4096)
     max_seq_len: int = Field(default=0, ge=0)  # 0: the model's context length
     # Tokens one engine step computes at most (prompt chunks + decodes).
-    max_batched_tokens: int = Field(default=4096, ge=16)
+    max_batched_tokens: int = Field(default=8192, ge=16)
     # Bytes of the paged KV pool (0: what the device can spare, see gpu_memory_fraction).
     kv_budget_bytes: int = Field(default=0, ge=0)
     block_size: int = Field(default=16, ge=1, le=1024)
