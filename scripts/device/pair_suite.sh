@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Two benchmark runs at once on a two-GPU machine, one per GPU, each in its own process
+# (CUDA_VISIBLE_DEVICES), its own output folder and log; then the GPU tests on GPU 0.
+#   BENCH_TIMEOUT=520 bash scripts/device/pair_suite.sh SCENARIOS_GPU0 SCENARIOS_GPU1 [benchmark args...]
+# Each folder comes back as $OUT/gpuN.tgz (results.json, results.md, PNGs, logs).
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+  --target /tmp/site .whl/*.whl >/dev/null 2>&1 || { echo "wheel install failed"; exit 1; }
+export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/aegis-out}
+mkdir -p "$OUT" results
+first=$1 second=$2; shift 2
+bench() {  # GPU SCENARIOS ARGS...
+  local gpu=$1 what=$2; shift 2
+  CUDA_VISIBLE_DEVICES=$gpu timeout -s INT "${BENCH_TIMEOUT:-3600}" python3 -m experiments.benchmark \
+    --scenario "$what" --scale full --device cuda --out "results/gpu$gpu" --no-progress "$@" \
+    > "results/gpu$gpu.log" 2>&1
+  echo "GPU $gpu ($what): exit $?"
+}
+nvidia-smi --query-gpu=index,name,memory.total --format=csv
+bench 0 "$first" "$@" &
+bench 1 "$second" "$@" &
+wait
+if [ -n "${GPU_TESTS:-}" ]; then
+  CUDA_VISIBLE_DEVICES=0 python3 -m pytest -m gpu tests/gpu -q -p no:cacheprovider > results/gpu0/gpu_tests.log 2>&1
+  tail -3 results/gpu0/gpu_tests.log
+fi
+for gpu in 0 1; do
+  mkdir -p "results/gpu$gpu" && cp "results/gpu$gpu.log" "results/gpu$gpu/"
+  tar czf "$OUT/gpu$gpu.tgz" -C results "gpu$gpu"
+  grep -E "^(scenario|---|[a-z]+ +[a-z])" "results/gpu$gpu.log" | tail -25
+done
