@@ -529,7 +529,16 @@ class EngineCore:
             table[:] = [moves.get(b, b) for b in table]
         used = {b for table in tables for b in table}
         kept = sorted(used - set(moves.values()))
-        self.runner.resize(blocks, moves, kept)
+        self.scheduler.pool = BlockPool.holding(blocks, self.runner.block_size, used)
+        try:
+            self.runner.resize(blocks, moves, kept)
+        except torch.OutOfMemoryError:
+            # Another process took the memory a layer needed: every running sequence is
+            # recomputed later, and a pool that fits now replaces this one.
+            preempted += self.scheduler.preempt_all()
+            blocks, used = self.runner.remake(budget_bytes), set()
+            log.warning("KV pool resize ran out of memory: pool re-made at %d blocks, "
+                        "%d sequences preempted", blocks, preempted)  # fmt: skip
         self.scheduler.pool = BlockPool.holding(blocks, self.runner.block_size, used)
         self.kv_budget_bytes = budget_bytes
         report = ResizeReport(old, blocks, len(moves), preempted, time.perf_counter() - started)

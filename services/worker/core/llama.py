@@ -218,19 +218,53 @@ class KVCache:
 
     def resize(self, num_blocks: int, moves: dict[int, int], kept: list[int]) -> None:
         """Make the pool ``num_blocks`` blocks, in place, layer by layer: the ``kept``
-        blocks keep their ids, block ``old`` of ``moves`` becomes block ``new``."""
+        blocks keep their ids, block ``old`` of ``moves`` becomes block ``new``.
+
+        A layer's new tensor is made while the old one still exists, so the device needs
+        one new layer of room (only for the first layer when shrinking: every old layer
+        freed leaves more). When another process has taken even that, the layer's kept
+        blocks wait in host memory while its old tensor is freed first: a shrink always
+        completes on a full device. A growth that can't get its memory raises
+        ``torch.OutOfMemoryError`` (the caller re-makes the pool)."""
         device = self.keys[0].device
         sources = torch.tensor(kept + list(moves), dtype=torch.long, device=device)
         targets = torch.tensor(kept + list(moves.values()), dtype=torch.long, device=device)
         for tensors in (self.keys, self.values):
-            for i, old in enumerate(tensors):
-                new = old.new_zeros((num_blocks + 1, *old.shape[1:]))
-                if len(sources):
-                    new.index_copy_(0, targets, old.index_select(0, sources))
-                tensors[i] = new
-                del old  # the old layer goes back before the next one is made
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
+            for i in range(len(tensors)):
+                tensors[i] = _resized_layer(tensors, i, num_blocks, sources, targets)
+
+
+def _resized_layer(
+    tensors: list[torch.Tensor],
+    i: int,
+    num_blocks: int,
+    sources: torch.Tensor,
+    targets: torch.Tensor,
+) -> torch.Tensor:
+    old = tensors[i]
+    shape = (num_blocks + 1, *old.shape[1:])
+    try:
+        new = old.new_zeros(shape)
+    except torch.OutOfMemoryError:
+        staged = old.index_select(0, sources).cpu() if len(sources) else None
+        tensors[i] = old = torch.empty(0, dtype=old.dtype)  # the only reference: frees it
+        _return_to_driver(sources.device)
+        new = torch.zeros(shape, dtype=old.dtype, device=sources.device)
+        if staged is not None:
+            new.index_copy_(0, targets, staged.to(sources.device))
+        return new
+    if len(sources):
+        new.index_copy_(0, targets, old.index_select(0, sources))
+    tensors[i] = new
+    del old  # the old layer goes back before the next one is made
+    _return_to_driver(sources.device)
+    return new
+
+
+def _return_to_driver(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
 
 
 class Attention(Protocol):

@@ -151,6 +151,29 @@ class ModelRunner:
         self.memory.kv_bytes = num_blocks * self.block_size * self.kv_bytes_per_token
         return time.perf_counter() - started
 
+    def remake(self, budget_bytes: int) -> int:
+        """Drop the pool (its contents: the caller preempted every sequence) and make a new
+        one of at most ``budget_bytes`` that fits the device now; its blocks. The last
+        resort of a resize that could not get its memory."""
+        assert self.memory is not None
+        self._graphs.clear()
+        self._graph_pool = None
+        self.cache = None
+        gc.collect()
+        if self.on_cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+            free, _ = torch.cuda.mem_get_info(self.device)
+            budget_bytes = min(budget_bytes, int(free) - self.memory.activation_peak)
+        block_bytes = self.kv_bytes_per_token * self.block_size
+        num_blocks = max(1, budget_bytes // block_bytes)
+        self.cache = KVCache.allocate(
+            self.shape, num_blocks, self.block_size, self.weights.dtype, self.device
+        )
+        self.memory.num_blocks = num_blocks
+        self.memory.kv_bytes = num_blocks * block_bytes
+        return num_blocks
+
     def room_for_kv_bytes(self) -> int | None:
         """The largest pool the device could hold now (None on CPU: no bound known)."""
         if not self.on_cuda or self.cache is None or self.memory is None:

@@ -321,6 +321,69 @@ def test_the_kv_pool_shrinks_and_grows_live_without_losing_a_request(fp32: Loade
     assert core.runner.cache is not None and core.runner.cache.scratch_block == 300
 
 
+def _device_full(monkeypatch: pytest.MonkeyPatch, refusals: int) -> list[tuple[int, ...]]:
+    """The next ``refusals`` ``new_zeros`` calls raise a CUDA-style OOM (another process
+    took the memory); the shapes refused are listed."""
+    real = torch.Tensor.new_zeros
+    refused: list[tuple[int, ...]] = []
+
+    def new_zeros(self: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        if len(refused) < refusals:
+            refused.append(tuple(args[0]) if args else ())  # type: ignore[arg-type]
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return real(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(torch.Tensor, "new_zeros", new_zeros)
+    return refused
+
+
+def test_a_shrink_on_a_full_device_stages_blocks_in_host_memory(
+    fp32: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    requests = make_requests(10, seed=43)
+    expected = reference(fp32, requests)
+    core = EngineCore(fp32, config(blocks=200, max_num_seqs=8, decode_steps=2))
+    reports = []
+
+    def shrink(step: int) -> None:
+        if step == 5:  # every layer's new tensor is refused: all go through the host
+            refused = _device_full(monkeypatch, refusals=10_000)
+            used = core.stats().kv_blocks_used
+            reports.append(core.resize_kv((used + 20) * KV_BYTES_PER_BLOCK_OF_4))
+            assert len(refused) == 2 * len(core.runner.weights.layers)
+            monkeypatch.undo()
+
+    done, _ = drive(core, requests, joins_per_step=3, on_step=shrink)
+    assert {rid: o.text for rid, o in done.items()} == expected  # the cache survived it
+    (report,) = reports
+    assert report.blocks_after < 200 and report.preempted == 0
+
+
+def test_a_resize_that_cannot_get_memory_remakes_the_pool_and_loses_nothing(
+    fp32: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    requests = make_requests(10, seed=44)
+    expected = reference(fp32, requests)
+    core = EngineCore(fp32, config(blocks=100, max_num_seqs=8, decode_steps=2))
+    reports = []
+
+    def grow(step: int) -> None:
+        if step == 5:  # a growth whose memory went to another process meanwhile
+
+            def fail(*args: object, **kwargs: object) -> None:
+                raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+
+            monkeypatch.setattr(core.runner.cache, "resize", fail)
+            running = core.stats().running
+            reports.append((running, core.resize_kv(300 * KV_BYTES_PER_BLOCK_OF_4)))
+
+    done, _ = drive(core, requests, joins_per_step=3, on_step=grow)
+    assert {rid: o.text for rid, o in done.items()} == expected  # recomputed, not lost
+    ((running, report),) = reports
+    assert running > 0 and report.preempted == running and report.blocks_after == 300
+    assert core.stats().kv_blocks_total == 300 and core.stats().kv_blocks_used == 0
+
+
 def test_a_kv_budget_setting_resizes_the_pool_in_place(fp32: LoadedModel) -> None:
     core = EngineCore(fp32, config(blocks=100))
     core.add(make_requests(1, seed=5)[0])
