@@ -146,6 +146,30 @@ def w1_host_profile(core: EngineCore, vocab: int, count: int, text: list[str]) -
             **{k: round(v, 3) for k, v in split.items()}}  # fmt: skip
 
 
+def w1_loop_profile(core: EngineCore, vocab: int, count: int, text: list[str]) -> dict:
+    """The same W1 through the serving loop the worker and the benchmark run (windows,
+    settings, deliveries), timed plainly and then under cProfile."""
+    from experiments.runner import AegisRunner
+    from shared.schemas import ControlSettings
+
+    phase = Phase(name="mixed", count=count, prompt=(64, 512), new_tokens=(128, 128))
+    requests = phase_requests(phase, "W1", 0, vocab)
+    settings = ControlSettings(batch_size=core.limits.max_num_seqs, max_seq_len=2048,
+                               precision=core.precision, max_batched_tokens=8192,
+                               kv_budget_bytes=core.kv_budget_bytes)  # fmt: skip
+    runner = AegisRunner(core, "cuda")
+    plain, _ = runner.run(requests, settings)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    profiled, _ = runner.run(requests, settings)
+    profiler.disable()
+    buffer = io.StringIO()
+    pstats.Stats(profiler, stream=buffer).sort_stats("tottime").print_stats(30)
+    text.append(f"## W1 {count} requests through the serving loop (cProfile)\n{buffer.getvalue()}")
+    return {"tokens_per_s": round(plain.tokens_per_s), "seconds": round(plain.seconds, 3),
+            "tokens_per_s_under_cprofile": round(profiled.tokens_per_s)}  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="synthetic:tinyllama-1.1b")
@@ -171,6 +195,8 @@ def main() -> None:
     print(json.dumps(report["prefill"]), flush=True)
     report["w1"] = w1_host_profile(core, loaded.model.config.vocab_size, args.w1, text)
     print(json.dumps(report["w1"]), flush=True)
+    report["w1_loop"] = w1_loop_profile(core, loaded.model.config.vocab_size, args.w1, text)
+    print(json.dumps(report["w1_loop"]), flush=True)
     (out / "profile_core.json").write_text(json.dumps(report, indent=1))
     (out / "profile_core.txt").write_text("\n".join(text))
 

@@ -144,12 +144,27 @@ class ModelRunner:
         started = time.perf_counter()
         self._graphs.clear()
         self._graph_pool = None
-        self.cache.resize(num_blocks, moves, kept)
+        # A resize hands memory to the driver (empty_cache): the allocator's cached
+        # activation blocks would go too, and another process could take them. Held here,
+        # they come back to this process's cache afterwards.
+        reserve = self._hold_activation_memory()
+        try:
+            self.cache.resize(num_blocks, moves, kept)
+        finally:
+            del reserve
         if self.on_cuda:
             torch.cuda.synchronize(self.device)
         self.memory.num_blocks = num_blocks
         self.memory.kv_bytes = num_blocks * self.block_size * self.kv_bytes_per_token
         return time.perf_counter() - started
+
+    def _hold_activation_memory(self) -> torch.Tensor | None:
+        if not self.on_cuda or self.memory is None or not self.memory.activation_peak:
+            return None
+        try:
+            return torch.empty(self.memory.activation_peak, dtype=torch.uint8, device=self.device)
+        except torch.OutOfMemoryError:
+            return None  # already fragmented or taken: the OOM guard covers the steps
 
     def remake(self, budget_bytes: int) -> int:
         """Drop the pool (its contents: the caller preempted every sequence) and make a new
