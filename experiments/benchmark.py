@@ -33,7 +33,7 @@ from experiments.summary import summary_text
 
 log = logging.getLogger("experiments.benchmark")
 
-SCENARIOS = ("sweep", "bursty", "system", "memory", "adaptive", "oom")
+SCENARIOS = ("sweep", "bursty", "system", "scaleout", "colocated", "memory", "adaptive", "oom")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
