@@ -29,8 +29,9 @@ from experiments.scenarios.system import Services
 def run(ctx: BenchContext) -> dict[str, Any]:
     cfg = ctx.config("colocated")
     copies = int(cfg["copies"])
-    alone_texts, alone_budgets = fleet.prompts(ctx, cfg["workload"], 1)
     texts, budgets = fleet.prompts(ctx, cfg["workload"], copies)
+    first = len(texts) // copies  # copy 0: the workload itself, at the run's seed
+    alone_texts, alone_budgets = texts[:first], budgets[:first]
     gpu = fleet.device_env(ctx, 0)
     share = {**gpu, "AEGIS_GPU_MEMORY_FRACTION": str(cfg["gpu_memory_fraction"])}
     batch = int(cfg["batch_size"])
