@@ -215,7 +215,7 @@ class Services:
 
     def workers(self) -> list[str]:
         """Names of the worker processes started and neither stopped nor killed."""
-        return [name for name in self.children if name != "gateway"]
+        return [name for name in self.worker_ids if name in self.children]
 
     def add_worker(
         self, extra: Mapping[str, str] | None = None, wait: bool = True, name: str | None = None
@@ -271,7 +271,11 @@ class Services:
 
     def exited(self) -> dict[str, int]:
         """Workers that ended by themselves (a crash, an uncaught OOM): name -> exit code."""
-        return {n: p.returncode for n, p in self.children.items() if p.poll() is not None}
+        return {
+            n: self.children[n].returncode
+            for n in self.workers()
+            if self.children[n].poll() is not None
+        }
 
     def consumer(self, name: str) -> str:
         """The worker's consumer in the stream's group (``<worker id>:<pid>``)."""
