@@ -33,7 +33,17 @@ from experiments.summary import summary_text
 
 log = logging.getLogger("experiments.benchmark")
 
-SCENARIOS = ("sweep", "bursty", "system", "memory", "adaptive", "oom", "elastic")
+SCENARIOS = (
+    "sweep",
+    "bursty",
+    "system",
+    "scaleout",
+    "colocated",
+    "memory",
+    "adaptive",
+    "oom",
+    "elastic",
+)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

@@ -25,12 +25,14 @@ def write_all(results: dict[str, Any], out: Path) -> list[Path]:
         "adaptive": _adaptive,
         "oom": _oom,
         "system": _system,
+        "scaleout": _scaleout,
+        "colocated": _colocated,
         "elastic": _elastic,
     }
     written = []
     for name, make in makers.items():
         data = results.get("scenarios", {}).get(name)
-        if not isinstance(data, dict) or "error" in data:
+        if not isinstance(data, dict) or "error" in data or "skipped" in data:
             continue
         fig = plt.figure(figsize=(11, 4.5))
         make(fig, data)
@@ -212,3 +214,35 @@ def _system(fig: Any, d: dict[str, Any]) -> None:
     ax.set(
         ylabel="generated tokens/s", title=f"W1 end to end (ratio {d['ratio_system_vs_engine']})"
     )
+
+
+def _fleet(ax: Any, runs: list[dict[str, Any]], title: str) -> None:
+    """One bar per configuration, stacked by the tokens/s each worker served."""
+    labels = [r["configuration"] for r in runs]
+    names = sorted({n for r in runs for n in r["per_worker"]})
+    bottom = [0.0] * len(runs)
+    for i, name in enumerate(names):
+        values = [r["per_worker"].get(name, {}).get("tokens_per_s", 0.0) for r in runs]
+        ax.bar(labels, values, bottom=bottom, color=f"C{i}", label=name)
+        bottom = [b + v for b, v in zip(bottom, values, strict=True)]
+    for j, r in enumerate(runs):
+        mark = "" if r["exactly_once"] else ", NOT exactly once"
+        ax.text(j, bottom[j], f"{r['tokens_per_s']:,.0f} tok/s{mark}", ha="center", va="bottom")
+    ax.set(ylabel="generated tokens/s (stacked by worker)", title=title)
+    ax.legend(fontsize=7)
+
+
+def _scaleout(fig: Any, d: dict[str, Any]) -> None:
+    runs = [d["one_worker"], d["two_workers"], d["one_killed"]]
+    ratio, target = d["ratio_two_vs_one"], d["target_ratio"]
+    title = f"{d['requests']} requests; 2 workers / 1 = {ratio} (target {target})"
+    _fleet(fig.add_subplot(1, 1, 1), runs, title)
+
+
+def _colocated(fig: Any, d: dict[str, Any]) -> None:
+    runs = [d["alone"], d["together"]]
+    title = (
+        f"together / alone = {d['ratio_together_vs_alone']} (target {d['target_ratio']}), "
+        f"OOM events {d['oom_events']}"
+    )
+    _fleet(fig.add_subplot(1, 1, 1), runs, title)

@@ -83,6 +83,8 @@ def markdown(results: dict[str, Any], images: list[str]) -> str:
         "adaptive": _adaptive_md,
         "oom": _oom_md,
         "system": _system_md,
+        "scaleout": _scaleout_md,
+        "colocated": _colocated_md,
         "elastic": _elastic_md,
     }
     for name, build in sections.items():
@@ -90,7 +92,12 @@ def markdown(results: dict[str, Any], images: list[str]) -> str:
         if data is None:
             continue
         lines += [f"## {name}", ""]
-        lines += [f"**failed:** `{data['error']}`", ""] if "error" in data else build(data)
+        if "error" in data:
+            lines += [f"**failed:** `{data['error']}`", ""]
+        elif "skipped" in data:
+            lines += [f"**skipped:** {data['skipped']}", ""]
+        else:
+            lines += build(data)
     lines += [f"![{Path(i).stem}]({i})" for i in images]
     return "\n".join(lines) + "\n"
 
@@ -360,6 +367,79 @@ def _system_md(d: dict[str, Any]) -> list[str]:
         f"System/engine: {fmt(d['ratio_system_vs_engine'], 3)}; "
         f"completions that stopped before max_tokens: {note}; "
         f"client retries after 429/503: {extra.get('retried_429_503', 0)}.",
+        "",
+    ]
+
+
+def _split(run: dict[str, Any], kv: bool = False) -> str:
+    """Per worker: requests and tokens it answered (and its KV pool)."""
+    parts = []
+    for name, w in run["per_worker"].items():
+        part = f"{name}: {w['requests']} req, {fmt(w['tokens'])} tok"
+        if kv and w.get("kv_pool_mib") is not None:
+            part += f", KV {fmt(w['kv_pool_mib'])} MiB"
+        parts.append(part)
+    return "; ".join(parts)
+
+
+def _fleet_table(runs: list[dict[str, Any]], kv: bool = False) -> list[str]:
+    """One row per configuration; the ratio is to the first one's tokens/s."""
+    base = runs[0]["tokens_per_s"]
+    rows = [
+        [
+            r["configuration"], r["workers"], r["requests"], r["answered_once"], r["failed"],
+            r["duplicates"], r["oom_events"], r["tokens"], r["seconds"], r["tokens_per_s"],
+            r2(r["tokens_per_s"] / base if base else None), _split(r, kv),
+        ]
+        for r in runs
+    ]  # fmt: skip
+    header = ["configuration", "workers", "requests", "answered once", "failed", "duplicates",
+              "OOM", "tokens", "seconds", "tok/s", f"vs {runs[0]['configuration']}",
+              "per worker"]  # fmt: skip
+    return table(header, rows)
+
+
+def _target(measured: Any, target: Any, met: bool) -> str:
+    return f"{r2(measured)} (target {r2(target)}: {'met' if met else 'not met'})"
+
+
+def _scaleout_md(d: dict[str, Any]) -> list[str]:
+    killed = d["one_killed"]
+    k = killed["kill"]
+    intro = f"{d['requests']} requests ({d['workload']} x {d['copies']}), all at once."
+    scale = _target(d["ratio_two_vs_one"], d["target_ratio"], d["meets_target"])
+    kill = (
+        f"Kill: {k['worker']} SIGKILLed after {k['at_answers']} answers ({k['at_s']} s into "
+        f"the run) held {k['held_at_kill']} requests: {k['finished_by_survivor']} finished by "
+        f"{k['survivor']} after reclaiming them, {k['answered_by_killed_before_ack']} answered "
+        f"by {k['worker']} before it died, {k['unanswered']} unanswered; the last came "
+        f"{fmt(k['recovery_s'], 2)} s after the kill. Entries reclaimed: {killed['reclaimed']}; "
+        f"runs done twice: {killed['redundant_runs']}. {k['note']}"
+    )
+    return [
+        intro + (f" {d['note']}." if d["note"] else ""),
+        "",
+        *_fleet_table([d["one_worker"], d["two_workers"], killed]),
+        f"2 workers / 1: {scale}.",
+        "",
+        kill.rstrip(),
+        "",
+    ]
+
+
+def _colocated_md(d: dict[str, Any]) -> list[str]:
+    intro = (
+        f"{d['alone']['requests']} requests alone, {d['requests']} together ({d['workload']} "
+        f"x {d['copies']}), each worker at AEGIS_GPU_MEMORY_FRACTION "
+        f"{d['config']['gpu_memory_fraction']} when sharing."
+    )
+    shared = _target(d["ratio_together_vs_alone"], d["target_ratio"], d["meets_target"])
+    exits = d["worker_exits"] or "none"
+    return [
+        intro + (f" {d['note']}." if d["note"] else ""),
+        "",
+        *_fleet_table([d["alone"], d["together"]], kv=True),
+        f"Together / alone: {shared}; OOM events: {d['oom_events']}; workers that exited: {exits}.",
         "",
     ]
 

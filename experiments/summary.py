@@ -22,8 +22,10 @@ def fmt(value: Any, digits: int = 1) -> str:
 
 
 def scenario_data(results: dict[str, Any], name: str) -> dict[str, Any] | None:
+    """A scenario's data, or None when it did not run, failed or was skipped."""
     data = results.get("scenarios", {}).get(name)
-    return data if isinstance(data, dict) and "error" not in data else None
+    ran = isinstance(data, dict) and "error" not in data and "skipped" not in data
+    return data if ran else None
 
 
 def summary_rows(results: dict[str, Any]) -> list[Row]:
@@ -36,6 +38,8 @@ def summary_rows(results: dict[str, Any]) -> list[Row]:
         "adaptive": _adaptive_summary,
         "oom": _oom_summary,
         "system": _system_summary,
+        "scaleout": _scaleout_summary,
+        "colocated": _colocated_summary,
         "elastic": _elastic_summary,
     }
     for name, build in builders.items():
@@ -218,6 +222,24 @@ def _system_summary(data: dict[str, Any]) -> list[Row]:
             data["ratio_system_vs_engine"],
         )
     ]
+
+
+def _scaleout_summary(data: dict[str, Any]) -> list[Row]:
+    one, two, killed = data["one_worker"], data["two_workers"], data["one_killed"]
+    return [
+        ("scaleout", f"tokens/s, {two['configuration']}", two["tokens_per_s"],
+         one["configuration"], one["tokens_per_s"], data["ratio_two_vs_one"]),
+        ("scaleout", f"tokens/s, {killed['configuration']}", killed["tokens_per_s"],
+         two["configuration"], two["tokens_per_s"], data["ratio_killed_vs_two"]),
+    ]  # fmt: skip
+
+
+def _colocated_summary(data: dict[str, Any]) -> list[Row]:
+    alone, together = data["alone"], data["together"]
+    return [
+        ("colocated", f"tokens/s, {together['configuration']}", together["tokens_per_s"],
+         alone["configuration"], alone["tokens_per_s"], data["ratio_together_vs_alone"]),
+    ]  # fmt: skip
 
 
 def _ratio(a: float, b: float) -> float | None:

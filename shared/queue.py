@@ -198,11 +198,17 @@ class WorkerQueue:
         return self._parse(entries, counts)
 
     def _delivery_counts(self, entry_ids: list[str]) -> dict[str, int]:
-        first, last = min(entry_ids), max(entry_ids)
-        pending: Any = self.client.xpending_range(
-            self.keys.requests, WORKER_GROUP, min=first, max=last, count=len(entry_ids) * 4
-        )
-        return {as_text(p["message_id"]): int(p["times_delivered"]) for p in pending}
+        """Each entry's delivery count, one exact range per entry in one round trip (one
+        range over all of them could be filled by entries other workers hold between)."""
+        pipe = self.client.pipeline(transaction=False)
+        for entry_id in entry_ids:
+            pipe.xpending_range(self.keys.requests, WORKER_GROUP, min=entry_id, max=entry_id,
+                                count=1)  # fmt: skip
+        counts = {}
+        for pending in pipe.execute():
+            for p in pending:
+                counts[as_text(p["message_id"])] = int(p["times_delivered"])
+        return counts
 
     def _parse(self, entries: Iterable[tuple], counts: dict[str, int]) -> list[Delivery]:
         deliveries = []

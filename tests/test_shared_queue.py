@@ -252,3 +252,22 @@ def test_result_streams_are_capped_and_expire_soon_after_reading(
 
     assert len(asyncio.run(scenario())) == RESULT_MAXLEN * 3
     assert 0 < redis_client.ttl(keys.result("long")) <= RESULT_READ_TTL_S
+
+
+def test_reclaimed_entries_carry_their_own_delivery_counts(
+    redis_client: redis.Redis, keys: Keys
+) -> None:
+    """Entries of a dead worker far apart in the stream, with many entries another worker
+    holds between them: each reclaimed entry still gets its own delivery count."""
+    dead = WorkerQueue(redis_client, keys, "dead", visibility_timeout_s=0.2)
+    alive = WorkerQueue(redis_client, keys, "alive", visibility_timeout_s=0.2)
+    for i in range(12):
+        dead.submit(_request(i))
+    first = dead.pull(1, block_ms=10)
+    held = alive.pull(10, block_ms=10)  # held, and kept fresh below: never reclaimed
+    last = dead.pull(1, block_ms=10)
+    time.sleep(0.3)
+    alive.refresh_claims([d.entry_id for d in held])
+    taken = alive.reclaim(2)
+    assert [d.request.id for d in taken] == [first[0].request.id, last[0].request.id]
+    assert [d.deliveries for d in taken] == [2, 2]

@@ -29,6 +29,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -37,6 +38,7 @@ from experiments.loadtest import Connection
 from experiments.measure import ROOT, RunResult
 from experiments.scenarios.common import ratio, runner, settings
 from shared.config import CommonSettings
+from shared.keys import Keys
 from shared.redis_server import ensure_redis
 from shared.schemas import GenerationRequest, SamplingParams
 
@@ -103,19 +105,47 @@ def _free_port() -> int:
 
 
 class Services:
-    """Redis (if needed), gateway and worker as processes; logs under ``<out>/logs``."""
+    """Redis (if needed), a gateway and workers as processes; logs under ``<out>/<logs>``.
 
-    def __init__(self, ctx: BenchContext, batch: int) -> None:
+    ``workers``: how many workers to start (1: one named ``worker``, as the system
+    scenario has it), or one dict of extra environment per worker (``worker-0``,
+    ``worker-1``...: e.g. ``CUDA_VISIBLE_DEVICES``, ``AEGIS_GPU_MEMORY_FRACTION``). Each
+    worker has its own id (``<prefix>-<name>``), metrics port and log file. ``env`` goes
+    to every process. With ``stagger`` each worker is up (its heartbeat is in Redis)
+    before the next one starts: a GPU's second worker then profiles its memory with the
+    first one's already taken. :meth:`add_worker`, :meth:`stop_worker` and
+    :meth:`kill_worker` (SIGKILL, a crash) change the set while the services run.
+    """
+
+    def __init__(
+        self,
+        ctx: BenchContext,
+        batch: int,
+        workers: int | Sequence[Mapping[str, str]] = 1,
+        env: Mapping[str, str] | None = None,
+        logs: str = "logs",
+        stagger: bool = False,
+    ) -> None:
         self.ctx = ctx
         self.prefix = f"bench-{uuid.uuid4().hex[:8]}"
+        self.keys = Keys(self.prefix)
         self.redis_url = CommonSettings().redis_url
         self.port = _free_port()
         self.base = f"http://127.0.0.1:{self.port}"
-        self.logs = ctx.out / "logs"
+        self.logs = ctx.out / logs
         self.env = self._env(batch)
+        self.env.update(env or {})
+        envs = [{} for _ in range(workers)] if isinstance(workers, int) else list(workers)
+        self.initial = [("worker" if workers == 1 else None, extra) for extra in envs]
+        self.stagger = stagger
         self.redis: subprocess.Popen[bytes] | None = None
         self.children: dict[str, subprocess.Popen[bytes]] = {}
         self.log_files: list[IO[bytes]] = []
+        self.worker_ids: dict[str, str] = {}  # name -> worker id, every worker ever started
+        self.worker_env: dict[str, dict[str, str]] = {}  # name -> its extra environment
+        self.killed: dict[str, int] = {}  # name -> pid of a worker killed on purpose
+        self.startup_s: dict[str, float] = {}  # name -> seconds from start to heartbeat
+        self._started_at: dict[str, float] = {}
 
     def _env(self, batch: int) -> dict[str, str]:
         ctx = self.ctx
@@ -143,16 +173,22 @@ class Services:
         self.logs.mkdir(parents=True, exist_ok=True)
         try:
             self.redis = ensure_redis(self.redis_url, self.ctx.out / "redis", bundled=CARRIED_REDIS)
-            for name in ("gateway", "worker"):
-                self._start(name)
+            self._start("gateway", "services.gateway", self.env)
+            for name, extra in self.initial:
+                self.add_worker(extra, wait=self.stagger, name=name)
             self._wait_ready()
+            self.wait_workers()
         except BaseException:
             self.__exit__()
             raise
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for name in ("worker", "gateway"):
+        workers = self.workers()
+        for name in workers:  # all at once: each drains (briefly, idle) in parallel
+            if self.children[name].poll() is None:
+                self.children[name].send_signal(signal.SIGTERM)
+        for name in [*workers, "gateway"]:
             process = self.children.pop(name, None)
             if process is not None:
                 _stop(process)
@@ -163,16 +199,93 @@ class Services:
             _stop(self.redis)
             self.redis = None
 
-    def _start(self, name: str) -> None:
+    def _start(self, name: str, module: str, env: Mapping[str, str]) -> None:
         log_file = (self.logs / f"{name}.log").open("wb")
         self.log_files.append(log_file)
+        self._started_at[name] = time.monotonic()
         self.children[name] = subprocess.Popen(
-            [sys.executable, "-m", f"services.{name}"],
+            [sys.executable, "-m", module],
             cwd=ROOT,
-            env=self.env,
+            env=dict(env),
             stdout=log_file,
             stderr=subprocess.STDOUT,
         )
+
+    # -- workers -------------------------------------------------------------------------
+
+    def workers(self) -> list[str]:
+        """Names of the worker processes started and neither stopped nor killed."""
+        return [name for name in self.worker_ids if name in self.children]
+
+    def add_worker(
+        self, extra: Mapping[str, str] | None = None, wait: bool = True, name: str | None = None
+    ) -> str:
+        """Start one more worker (``worker-<n>``) with ``extra`` environment; with ``wait``,
+        return once its heartbeat is in Redis (model loaded, graphs captured)."""
+        name = name or f"worker-{len(self.worker_ids)}"
+        worker_id = f"{self.prefix}-{name}"
+        self.worker_ids[name] = worker_id
+        self.worker_env[name] = {key: str(value) for key, value in (extra or {}).items()}
+        env = {
+            **self.env,
+            "AEGIS_WORKER_ID": worker_id,
+            "AEGIS_WORKER_METRICS_PORT": str(_free_port()),
+            **self.worker_env[name],
+        }
+        self._start(name, "services.worker", env)
+        if wait:
+            self.wait_workers()
+        return name
+
+    def wait_workers(self) -> None:
+        """Wait until every running worker has announced itself (its heartbeat key)."""
+        import redis
+
+        client = redis.Redis.from_url(self.redis_url, socket_timeout=5)
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while True:
+            waiting = [n for n in self.workers() if n not in self.startup_s]
+            for name in waiting:
+                if self.children[name].poll() is not None:
+                    code = self.children[name].returncode
+                    raise RuntimeError(f"{name} exited ({code}): {self._tail(name)}")
+                if client.exists(self.keys.worker_alive(self.worker_ids[name])):
+                    self.startup_s[name] = round(time.monotonic() - self._started_at[name], 2)
+            if all(n in self.startup_s for n in waiting):
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"workers {waiting} not up after {READY_TIMEOUT_S:.0f}s")
+            time.sleep(0.2)
+
+    def stop_worker(self, name: str) -> None:
+        """SIGTERM: the worker finishes or hands back what it holds, then exits."""
+        _stop(self.children.pop(name))
+
+    def kill_worker(self, name: str) -> int:
+        """SIGKILL, as a crash: nothing is finished or handed back. Returns its pid."""
+        process = self.children.pop(name)
+        process.kill()
+        process.wait(30)
+        self.killed[name] = process.pid
+        return process.pid
+
+    def exited(self) -> dict[str, int]:
+        """Workers that ended by themselves (a crash, an uncaught OOM): name -> exit code."""
+        return {
+            n: self.children[n].returncode
+            for n in self.workers()
+            if self.children[n].poll() is not None
+        }
+
+    def consumer(self, name: str) -> str:
+        """The worker's consumer in the stream's group (``<worker id>:<pid>``)."""
+        process = self.children.get(name)
+        pid = process.pid if process is not None else self.killed[name]
+        return f"{self.worker_ids[name]}:{pid}"
+
+    def log_text(self, name: str) -> str:
+        path = self.logs / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
 
     def _wait_ready(self) -> None:
         import httpx
@@ -188,11 +301,11 @@ class Services:
             except httpx.HTTPError:
                 pass
             time.sleep(0.3)
-        raise RuntimeError(f"system not ready after {READY_TIMEOUT_S:.0f}s: {self._tail('worker')}")
+        tails = "; ".join(f"{n}: {self._tail(n)}" for n in self.workers())
+        raise RuntimeError(f"system not ready after {READY_TIMEOUT_S:.0f}s: {tails}")
 
     def _tail(self, name: str) -> str:
-        text = (self.logs / f"{name}.log").read_text(errors="replace")
-        return text[-2000:]
+        return self.log_text(name)[-2000:]
 
     def _clean_keys(self) -> None:
         try:
@@ -206,11 +319,21 @@ class Services:
 
     def fire(self, texts: list[str], requests: list[GenerationRequest]) -> RunResult:
         """Every prompt at once; one warm-up request first (not timed)."""
-        asyncio.run(_post_all(self.base, ["warm up"], [2]))
-        budgets = [r.params.max_tokens for r in requests]
+        self.warm_up()
+        result, _ = self.load(texts, [r.params.max_tokens for r in requests])
+        return result
+
+    def warm_up(self, count: int = 1) -> None:
+        """``count`` short requests at once, not timed (more than one: some for each worker)."""
+        asyncio.run(_post_all(self.base, ["warm up"] * count, [2] * count))
+
+    def load(
+        self, texts: list[str], budgets: list[int], monitor: Monitor | None = None
+    ) -> tuple[RunResult, list[Answer | None]]:
+        """Every prompt at once, ``monitor`` running beside; the figures and each answer."""
         start = time.perf_counter()
-        answers = asyncio.run(_post_all(self.base, texts, budgets))
-        result = RunResult("aegis_system", len(requests), seconds=time.perf_counter() - start)
+        answers = asyncio.run(_post_all(self.base, texts, budgets, monitor))
+        result = RunResult("aegis_system", len(texts), seconds=time.perf_counter() - start)
         result.batch_size = int(self.env["AEGIS_BATCH_SIZE"])
         early = retries = 0
         for answer, budget in zip(answers, budgets, strict=True):
@@ -222,24 +345,56 @@ class Services:
             early += answer.finish_reason != "length"
             retries += answer.retries
         result.extra = {"stopped_before_max_tokens": early, "retried_429_503": retries}
-        return result
+        return result, answers
 
 
 @dataclass
 class Answer:
-    """One completion as the client saw it."""
+    """One completion as the client saw it: which request it was and which worker
+    answered (the response's ``aegis`` field), and when it arrived (perf_counter)."""
 
     tokens: int
     finish_reason: str
     retries: int
+    request_id: str = ""
+    worker_id: str = ""
+    at: float = 0.0
 
 
-async def _post_all(base: str, texts: list[str], budgets: list[int]) -> list[Answer | None]:
+@dataclass
+class Progress:
+    """How far a load has got; a monitor running beside it reads this."""
+
+    total: int
+    start: float
+    done: int = 0  # answered or failed
+    answered: int = 0
+
+
+Monitor = Callable[[Progress], Coroutine[Any, Any, object]]
+
+
+async def _post_all(
+    base: str, texts: list[str], budgets: list[int], monitor: Monitor | None = None
+) -> list[Answer | None]:
     """Every completion at once, one keep-alive connection each (the load test's client:
     httpx's async pool, not the gateway, was the bottleneck at this concurrency)."""
     port = int(base.rsplit(":", 1)[1].split("/")[0])
-    calls = [_post(Connection(port), t, b) for t, b in zip(texts, budgets, strict=True)]
-    return list(await asyncio.gather(*calls))
+    progress = Progress(len(texts), time.perf_counter())
+
+    async def one(text: str, budget: int) -> Answer | None:
+        answer = await _post(Connection(port), text, budget)
+        progress.done += 1
+        progress.answered += answer is not None
+        return answer
+
+    watch: asyncio.Task[object] | None = None
+    if monitor is not None:
+        watch = asyncio.create_task(monitor(progress))
+    answers = list(await asyncio.gather(*(one(t, b) for t, b in zip(texts, budgets, strict=True))))
+    if watch is not None:
+        await watch
+    return answers
 
 
 async def _post(connection: Connection, text: str, budget: int) -> Answer | None:
@@ -263,7 +418,12 @@ async def _post(connection: Connection, text: str, budget: int) -> Answer | None
                 return None
             data = json.loads(content)
             usage, choice = data["usage"], data["choices"][0]
-            return Answer(int(usage["completion_tokens"]), str(choice["finish_reason"]), retry)
+            where = ((data.get("aegis") or {}).get("results") or [{}])[0]
+            return Answer(
+                int(usage["completion_tokens"]), str(choice["finish_reason"]), retry,
+                str(where.get("request_id", "")), str(where.get("worker_id", "")),
+                time.perf_counter(),
+            )  # fmt: skip
         return None
     finally:
         await connection.close()

@@ -235,6 +235,9 @@ class Worker:
             if first:  # a redelivery that lost the race is neither counted nor recorded
                 self.metrics.result(result)
                 self.writer.submit(self._request_record(delivery.request, result))
+            else:  # ran twice: its claim lapsed while held here (or a duplicate entry)
+                log.warning("request %s was answered already by another delivery: this "
+                            "run's answer is dropped", result.request_id)  # fmt: skip
         self.queue.ack([d.entry_id for _, d in pairs])
 
     def record(self, window: StepWindow, loop: ServingLoop) -> None:

@@ -1,7 +1,8 @@
 """Every benchmark scenario at tiny scale on CPU: well-formed results, tables and plots.
 
 The core scenarios run in-process once (module fixture); the system scenario starts
-the gateway and a worker against the test's Redis and runs separately.
+the gateway and a worker against the test's Redis and runs separately, as do the
+scaleout and colocated scenarios (a gateway and two workers).
 """
 
 from __future__ import annotations
@@ -11,9 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
-from experiments import workloads
+from experiments import report, workloads
 from experiments.benchmark import main
+from experiments.summary import summary_rows
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 CORE = ("sweep", "bursty", "memory", "adaptive", "oom", "elastic")
@@ -210,3 +213,93 @@ def test_system_scenario_through_gateway_and_worker(
     assert system["system"]["tokens"] <= system["engine"]["tokens"]
     assert system["ratio_system_vs_engine"] > 0
     _valid_png(tmp_path / "system.png")
+
+
+def _served_once(run: dict[str, Any], requests: int, workers: set[str]) -> None:
+    """Every request answered exactly once, each by one of ``workers``, none failed."""
+    assert run["requests"] == run["completed"] == run["answered_once"] == requests, run
+    assert run["failed"] == run["duplicates"] == run["unattributed"] == 0
+    assert run["exactly_once"] is True and run["worker_exits"] == {}
+    assert set(run["per_worker"]) == workers
+    assert sum(w["requests"] for w in run["per_worker"].values()) == requests
+    assert sum(w["tokens"] for w in run["per_worker"].values()) == run["tokens"]
+    assert run["tokens"] == requests * 6  # tiny W1: 6 new tokens each, EOS ignored
+    assert run["tokens_per_s"] > 0 and run["oom_events"] == 0
+
+
+@pytest.mark.slow
+def test_scaleout_scenario_two_workers_and_one_killed(
+    aegis_env: dict[str, str], tmp_path: Path
+) -> None:
+    """Two CPU workers behind one gateway; one is SIGKILLed mid-run and the requests it
+    held are reclaimed and answered by the other (about 30 s)."""
+    assert main(["--scenario", "scaleout", "--out", str(tmp_path), *ARGS]) == 0
+    data = json.loads((tmp_path / "results.json").read_text())["scenarios"]["scaleout"]
+    assert "error" not in data, data
+    n = 2 * workloads.workload("W1", "tiny").phases[0].count
+    assert data["requests"] == n and data["gpus"] is None and "CPU" in data["note"]
+    _served_once(data["one_worker"], n, {"worker-0"})
+    both = {"worker-0", "worker-1"}
+    _served_once(data["two_workers"], n, both)
+    assert all(w["requests"] > 0 for w in data["two_workers"]["per_worker"].values())
+    killed = data["one_killed"]
+    _served_once(killed, n, both)
+    kill = killed["kill"]
+    assert (kill["worker"], kill["survivor"]) == ("worker-1", "worker-0")
+    assert kill["at_answers"] >= kill["after_answers"] > 0
+    # It died holding requests; each was answered once, by the survivor after reclaiming
+    # it (or, published just before the SIGKILL and not yet acknowledged, by itself).
+    assert kill["held_at_kill"] > 0 and kill["unanswered"] == 0
+    assert kill["finished_by_survivor"] > 0
+    assert (
+        kill["finished_by_survivor"] + kill["answered_by_killed_before_ack"] == kill["held_at_kill"]
+    )
+    assert killed["per_worker"]["worker-0"]["reclaimed"] >= kill["finished_by_survivor"]
+    assert kill["recovery_s"] > 0
+    for key in ("ratio_two_vs_one", "ratio_killed_vs_two"):
+        assert data[key] > 0
+    assert isinstance(data["meets_target"], bool)
+    md = (tmp_path / "results.md").read_text()
+    assert "## scaleout" in md and "Kill: worker-1 SIGKILLed" in md
+    _valid_png(tmp_path / "scaleout.png")
+    assert (tmp_path / "logs" / "scaleout" / "worker-1.log").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_colocated_scenario_two_workers_on_one_device(
+    aegis_env: dict[str, str], tmp_path: Path
+) -> None:
+    """One worker alone, then two sharing the device (each with its memory share), W1
+    each: every request answered once, no OOM (about 25 s)."""
+    assert main(["--scenario", "colocated", "--out", str(tmp_path), *ARGS]) == 0
+    data = json.loads((tmp_path / "results.json").read_text())["scenarios"]["colocated"]
+    assert "error" not in data, data
+    n = workloads.workload("W1", "tiny").phases[0].count
+    _served_once(data["alone"], n, {"worker-0"})
+    together = data["together"]
+    _served_once(together, 2 * n, {"worker-1", "worker-2"})
+    for worker in together["per_worker"].values():
+        assert worker["requests"] > 0
+        assert worker["env"]["AEGIS_GPU_MEMORY_FRACTION"] == "0.45"
+        assert worker["kv_pool_mib"] > 0
+    assert data["oom_events"] == 0 and data["worker_exits"] == {}
+    assert data["ratio_together_vs_alone"] > 0 and isinstance(data["meets_target"], bool)
+    assert "## colocated" in (tmp_path / "results.md").read_text()
+    _valid_png(tmp_path / "colocated.png")
+
+
+def test_scaleout_is_skipped_without_two_gpus(tmp_path: Path) -> None:
+    """On a CUDA run with fewer than two GPUs the scenario says so instead of failing."""
+    from experiments.context import BenchContext
+    from experiments.scenarios import scaleout
+
+    if torch.cuda.device_count() >= 2:
+        pytest.skip("this machine has two GPUs")
+    ctx = BenchContext(scale="tiny", device="cuda", out=tmp_path)
+    data = scaleout.run(ctx)
+    assert data["skipped"].startswith("needs 2 GPUs, found")
+    results = {"meta": {"card": "x", "scale": "tiny"}, "scenarios": {"scaleout": data}}
+    assert summary_rows(results) == []
+    files = report.write(results, tmp_path)
+    assert "**skipped:** needs 2 GPUs" in (tmp_path / "results.md").read_text()
+    assert [f.name for f in files] == ["results.md"]  # no plot of a skipped scenario

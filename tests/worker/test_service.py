@@ -17,7 +17,7 @@ from shared.control import ControlStore
 from shared.db import RecordWriter, open_records
 from shared.keys import Keys
 from shared.queue import WorkerQueue
-from shared.schemas import ControlSettings, GenerationRequest, SamplingParams
+from shared.schemas import ControlSettings, GenerationRequest, GenerationResult, SamplingParams
 
 MAX_ITERATIONS = 2000
 
@@ -161,6 +161,30 @@ def test_a_redelivered_request_is_answered_once(make_worker, redis_client, keys)
         worker.loop.iterate()
     assert queue.depth() == 0 and not worker.core.has_work
     assert redis_client.xlen(keys.result(request_id)) == 1
+
+
+def test_a_run_that_loses_the_race_to_answer_is_dropped_and_logged(
+    make_worker, redis_client, keys, caplog: pytest.LogCaptureFixture
+) -> None:
+    worker, url = make_worker()
+    [request_id] = _submit(redis_client, keys, 1, max_tokens=20)
+    worker.loop.iterate()
+    assert worker.core.stats().running == 1
+    # Another worker answers it meanwhile (it reclaimed the entry while this one ran it).
+    queue = WorkerQueue(redis_client, keys, "other")
+    other = GenerationResult(
+        request_id=request_id, text="theirs", finish_reason="length", prompt_tokens=4,
+        completion_tokens=20, model="m", worker_id="w-other", queued_at=0.0, started_at=0.0,
+    )  # fmt: skip
+    assert queue.publish_result(other)
+    run_until(worker, lambda: not worker.core.has_work)
+    assert redis_client.xlen(keys.result(request_id)) == 1
+    answer = queue.wait_result(request_id, timeout_s=1)
+    assert answer is not None and answer.worker_id == "w-other"
+    assert f"request {request_id} was answered already by another delivery" in caplog.text
+    assert redis_client.xpending(keys.requests, "workers")["pending"] == 0  # acked all the same
+    worker.writer.flush()
+    assert open_records(url).fetch("requests") == []  # recorded by the worker that answered
 
 
 def test_an_oom_mid_step_is_recovered_recorded_and_loses_nothing(make_worker, redis_client, keys):
