@@ -20,19 +20,21 @@ from shared.queue import GatewayQueue
 
 
 def connection_kwargs() -> dict[str, Any]:
-    """Keyword arguments for the gateway's Redis connections.
+    """Keyword arguments that make a new gateway Redis connection cheap to open.
 
-    redis-py 7+ builds a ``DriverInfo`` for every new connection and reads the package's
-    version from its installed metadata each time (parsing the METADATA file): a third
-    of the gateway's CPU during a burst of new requests, each opening a connection for
-    its blocking read. One built here is shared by every connection (the same
-    ``CLIENT SETINFO`` is sent); older redis-py reads the version once at import.
+    Every waiting request holds a connection in its blocking read, so a burst of new
+    requests opens a connection each. redis-py 8 would then send ``HELLO 3`` and two
+    ``CLIENT SETINFO`` (two round trips before the first command), and read its own
+    version from the package metadata for each connection (parsing METADATA: some 30 %
+    of the gateway's CPU in a burst of 512). RESP2 (redis-py's default before
+    8; :func:`shared.queue._entries` reads both) and no ``SETINFO`` (a label in
+    ``CLIENT LIST`` only) make a new connection a TCP connect and nothing more.
     """
     try:
-        from redis.driver_info import DriverInfo
+        from redis.driver_info import DriverInfo  # noqa: F401  (where driver_info exists)
     except ImportError:
-        return {}
-    return {"driver_info": DriverInfo(name="redis-py", lib_version=redis.__version__)}
+        return {"protocol": 2, "lib_name": None, "lib_version": None}
+    return {"protocol": 2, "driver_info": None}
 
 
 @dataclass
