@@ -1,18 +1,36 @@
-"""Run the gateway: ``python -m services.gateway`` (settings from ``AEGIS_*``)."""
+"""Run the gateway: ``python -m services.gateway`` (settings from ``AEGIS_*``).
+
+One process by default; with ``AEGIS_GATEWAY_PROCESSES`` above 1 this process is the
+supervisor of that many server processes on the same port (``processes.py``), which
+it starts as ``python -m services.gateway --child I --parent PID``.
+"""
 
 from __future__ import annotations
 
+import argparse
+import logging
+import socket
+
 import uvicorn
 
-from services.gateway.app import create_app
 from services.gateway.config import GatewaySettings
 from services.gateway.draining import DrainingServer
+from services.gateway.processes import (
+    STARTUP_FAILURE,
+    Supervisor,
+    shared_port_socket,
+    watch_parent,
+)
 from shared.logs import setup_logging
 
+log = logging.getLogger("services.gateway")
 
-def main() -> None:
-    settings = GatewaySettings()
-    setup_logging(settings.log_level, settings.log_json, service="gateway")
+
+def serve(settings: GatewaySettings, sockets: list[socket.socket] | None = None) -> None:
+    """One server process: the app behind a DrainingServer (on ``sockets`` if given)."""
+    # Imported here: a supervisor never builds an app.
+    from services.gateway.app import create_app
+
     app = create_app(settings)
     config = uvicorn.Config(
         app,
@@ -22,7 +40,33 @@ def main() -> None:
         access_log=False,
         timeout_graceful_shutdown=int(settings.shutdown_grace_s + 0.999),
     )
-    DrainingServer(config, app.state.shutdown).run()
+    DrainingServer(config, app.state.shutdown).run(sockets=sockets)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="The AEGIS gateway (settings: AEGIS_*).")
+    # Set by the supervisor for its server processes only.
+    parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--parent", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    settings = GatewaySettings()
+    if args.child is not None and args.parent is not None:
+        setup_logging(settings.log_level, settings.log_json, service=f"gateway-{args.child}")
+        watch_parent(args.parent)
+        try:
+            sock = shared_port_socket(settings.gateway_host, settings.gateway_port)
+        except OSError as exc:
+            log.error("cannot serve on %s:%d: %s", settings.gateway_host, settings.gateway_port,
+                      exc)  # fmt: skip
+            raise SystemExit(STARTUP_FAILURE) from exc
+        serve(settings, [sock])
+        return
+    setup_logging(settings.log_level, settings.log_json, service="gateway")
+    count = settings.resolved_gateway_processes()
+    if count == 1:
+        serve(settings)
+        return
+    raise SystemExit(Supervisor(settings, count).run())
 
 
 if __name__ == "__main__":
