@@ -252,3 +252,24 @@ def test_result_streams_are_capped_and_expire_soon_after_reading(
 
     assert len(asyncio.run(scenario())) == RESULT_MAXLEN * 3
     assert 0 < redis_client.ttl(keys.result("long")) <= RESULT_READ_TTL_S
+
+
+def test_read_marks_are_written_in_the_background_in_one_batch(
+    redis_client: redis.Redis, keys: Keys, redis_url: str
+) -> None:
+    queue = WorkerQueue(redis_client, keys, "w")
+    ids = [f"read-{i}" for i in range(5)]
+    queue.publish_results([_result(rid, "x") for rid in ids])
+
+    async def scenario() -> None:
+        client, gateway = _gateway_queue(redis_url, keys, max_depth=10)
+        gateway.mark_read(ids[:2])
+        gateway.mark_read(ids[2:])  # same moment: joins the first batch
+        gateway.mark_read([])
+        await gateway.settle()
+        assert gateway._marking is None and gateway._read == []
+        await client.aclose()
+
+    asyncio.run(scenario())
+    for rid in ids:
+        assert 0 < redis_client.ttl(keys.result(rid)) <= RESULT_READ_TTL_S
