@@ -9,6 +9,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import shutil
 import signal
 import socket
 from collections.abc import Iterator
@@ -165,6 +166,20 @@ def test_a_process_that_dies_stops_the_whole_gateway(two: Gateway) -> None:
     log = two.service.log()
     assert f"(pid {victim.pid}) exited unexpectedly (killed by SIGKILL)" in log
     assert "gateway stopped after a failure" in log
+
+
+def test_processes_whose_supervisor_was_killed_drain_and_exit(two: Gateway) -> None:
+    children = two.children()
+    metrics_dir = children[0].environ()[MULTIPROC_ENV]
+    two.service.kill()  # SIGKILL: nothing forwarded, nothing cleaned up
+    try:
+        _, alive = psutil.wait_procs(children, timeout=20)
+        assert not alive, two.service.log()
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)  # the supervisor would have
+    log = two.service.log()
+    assert log.count(f"the gateway supervisor (pid {two.service.process.pid}) is gone") == 2, log
+    assert log.count("stopping: requests still waiting") == 2, log
 
 
 def test_a_port_in_use_stops_the_start(aegis_env: dict[str, str], tmp_path: Path) -> None:
