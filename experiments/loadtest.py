@@ -1,7 +1,8 @@
 """Loopback load test of the gateway: a steady load, then an overload that must only 429.
 
-``python -m experiments.loadtest --out results/loadtest`` starts a gateway process and a
-paced echo worker process on the local Redis (own key prefix), then runs
+``python -m experiments.loadtest --out results/loadtest`` starts a gateway (one process,
+or ``--gateway-processes N`` on one port) and a paced echo worker process on the local
+Redis (own key prefix), then runs
 
 1. ``steady``: 2,000 completions from 64 concurrent clients, a worker faster than the
    gateway (16 requests per 10 ms step): every one must be a 200;
@@ -283,6 +284,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--queue-bound", type=int, default=128)
+    parser.add_argument(
+        "--gateway-processes", type=int, default=1, help="AEGIS_GATEWAY_PROCESSES (0: one per core)"
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--worker-batch", type=int, default=16, help=argparse.SUPPRESS)
     parser.add_argument("--worker-step-ms", type=float, default=10.0, help=argparse.SUPPRESS)
@@ -299,6 +303,7 @@ def main(argv: list[str] | None = None) -> None:
         "AEGIS_REDIS_URL": args.redis_url, "AEGIS_KEY_PREFIX": prefix,
         "AEGIS_GATEWAY_PORT": str(port), "AEGIS_MAX_QUEUE_DEPTH": str(args.queue_bound),
         "AEGIS_LOG_LEVEL": "WARNING", "AEGIS_DATA_DIR": str(work / "data"),
+        "AEGIS_GATEWAY_PROCESSES": str(args.gateway_processes),
     }  # fmt: skip
     phases = [
         Phase("steady", args.requests, 64, worker_batch=16, worker_step_ms=10),
@@ -322,6 +327,7 @@ def main(argv: list[str] | None = None) -> None:
         client.close()
     setup = {
         "requests_per_phase": args.requests, "queue_bound": args.queue_bound,
+        "gateway_processes": args.gateway_processes,
         "cpus": os.cpu_count(), "python": platform.python_version(), "machine": platform.platform(),
         "ts": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }  # fmt: skip
@@ -329,6 +335,10 @@ def main(argv: list[str] | None = None) -> None:
     print(f"report in {args.out}, process logs in {work}")
     if any(r.errors_other_than_429 or not r.all_429_have_retry_after for r in results):
         raise SystemExit("errors other than 429 with Retry-After: see the report")
+
+
+def _processes(count: object) -> str:
+    return "one process per core" if count == 0 else f"{count} process{'es' if count != 1 else ''}"
 
 
 def write_report(out: Path, setup: dict[str, object], results: list[PhaseResult]) -> None:
@@ -340,7 +350,8 @@ def write_report(out: Path, setup: dict[str, object], results: list[PhaseResult]
         "",
         f"`python -m experiments.loadtest` on {setup['ts']}: {setup['cpus']} CPUs shared with "
         "other work (the clients, the gateway, Redis and the worker all on them), a gateway "
-        "process and a paced echo worker process (a fixed step time per batch, no model), "
+        f"of {_processes(setup.get('gateway_processes', 1))} and a paced echo worker process "
+        "(a fixed step time per batch, no model), "
         f"queue bound {setup['queue_bound']} sequences, 8-token completions.",
         "",
         "| phase | requests | concurrent | worker req/s at most | wall s | ok req/s | statuses "

@@ -271,3 +271,24 @@ def test_reclaimed_entries_carry_their_own_delivery_counts(
     taken = alive.reclaim(2)
     assert [d.request.id for d in taken] == [first[0].request.id, last[0].request.id]
     assert [d.deliveries for d in taken] == [2, 2]
+
+
+def test_read_marks_are_written_in_the_background_in_one_batch(
+    redis_client: redis.Redis, keys: Keys, redis_url: str
+) -> None:
+    queue = WorkerQueue(redis_client, keys, "w")
+    ids = [f"read-{i}" for i in range(5)]
+    queue.publish_results([_result(rid, "x") for rid in ids])
+
+    async def scenario() -> None:
+        client, gateway = _gateway_queue(redis_url, keys, max_depth=10)
+        gateway.mark_read(ids[:2])
+        gateway.mark_read(ids[2:])  # same moment: joins the first batch
+        gateway.mark_read([])
+        await gateway.settle()
+        assert gateway._marking is None and gateway._read == []
+        await client.aclose()
+
+    asyncio.run(scenario())
+    for rid in ids:
+        assert 0 < redis_client.ttl(keys.result(rid)) <= RESULT_READ_TTL_S

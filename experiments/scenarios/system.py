@@ -49,6 +49,8 @@ READY_TIMEOUT_S = 300.0
 REQUEST_TIMEOUT_S = 900.0
 RETRY_STATUS = (429, 503)
 RETRY_DELAY_S = 0.1
+# AEGIS_GATEWAY_PROCESSES of the gateway, unless the scenario's config says otherwise.
+GATEWAY_PROCESSES = 4
 
 
 def run(ctx: BenchContext) -> dict[str, Any]:
@@ -165,6 +167,9 @@ class Services:
             "AEGIS_WORKER_ID": f"{self.prefix}-worker",
             "AEGIS_LOG_LEVEL": "INFO",  # one line per window of steps: the run's timeline
             "AEGIS_MAX_QUEUE_DEPTH": "100000",
+            "AEGIS_GATEWAY_PROCESSES": str(
+                ctx.config("system").get("gateway_processes", GATEWAY_PROCESSES)
+            ),
             "HF_HUB_OFFLINE": "1",
             "PYTHONUNBUFFERED": "1",
         }

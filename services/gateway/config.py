@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Annotated
 
 from pydantic import Field, SecretStr, field_validator, model_validator
@@ -17,12 +18,20 @@ def _comma_list(value: object) -> object:
     return value
 
 
+# ``gateway_processes=0``: one process per CPU core, at most this many.
+AUTO_PROCESSES_MAX = 8
+
+
 class GatewaySettings(CommonSettings):
     """Where the gateway listens and the bounds it enforces at the edge."""
 
     # Loopback only by default: set 0.0.0.0 (and API keys) to serve other hosts.
     gateway_host: str = "127.0.0.1"
     gateway_port: int = Field(default=8000, ge=1, le=65535)
+    # Server processes sharing the port (each its own event loop; the kernel spreads new
+    # connections over them). 1: one process, no supervisor. 0: one per CPU core, at
+    # most AUTO_PROCESSES_MAX. See services/gateway/processes.py.
+    gateway_processes: int = Field(default=1, ge=0, le=64)
     # Admission bound, in sequences: waiting in the stream plus held by workers. A body
     # whose sequences don't all fit is refused whole with 429.
     max_queue_depth: int = Field(default=1024, ge=1)
@@ -62,6 +71,14 @@ class GatewaySettings(CommonSettings):
     retry_after_s: int = Field(default=1, ge=0)
 
     _split_lists = field_validator("model_aliases", "api_keys", mode="before")(_comma_list)
+
+    def resolved_gateway_processes(self) -> int:
+        """How many server processes to run: ``gateway_processes``, 0 resolved."""
+        if self.gateway_processes:
+            return self.gateway_processes
+        # The cores this process may run on (a CPU set or affinity), not the host's.
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+        return max(1, min(cores or os.cpu_count() or 1, AUTO_PROCESSES_MAX))
 
     @model_validator(mode="after")
     def _drain_before_grace(self) -> GatewaySettings:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import uvicorn
@@ -42,11 +43,25 @@ class Shutdown:
 
 
 class DrainingServer(uvicorn.Server):
-    """A uvicorn server that starts the app's drain as its own shutdown begins."""
+    """A uvicorn server that starts the app's drain as its own shutdown begins.
 
-    def __init__(self, config: uvicorn.Config, shutdown: Shutdown) -> None:
+    ``started``, if given, is called once the app has started and the server listens.
+    """
+
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        shutdown: Shutdown,
+        started: Callable[[], None] | None = None,
+    ) -> None:
         super().__init__(config)
         self.drain = shutdown
+        self.started_hook = started
+
+    async def startup(self, *args: Any, **kwargs: Any) -> None:
+        await super().startup(*args, **kwargs)
+        if self.started_hook is not None and not self.should_exit:
+            self.started_hook()
 
     async def shutdown(self, *args: Any, **kwargs: Any) -> None:
         self.drain.begin()

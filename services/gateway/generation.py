@@ -146,9 +146,11 @@ class Generator:
         task.add_done_callback(self._background.discard)
 
     async def settle(self, timeout_s: float = 2.0) -> None:
-        """Wait for the cancel signals still being sent (before Redis is closed)."""
+        """Wait for the cancel signals and read marks still being sent (before Redis is
+        closed)."""
         if self._background:
             await asyncio.wait(set(self._background), timeout=timeout_s)
+        await self.queue.settle(timeout_s)
 
     async def _cancel(self, request_ids: list[str], reason: str) -> None:
         try:
@@ -197,7 +199,7 @@ class Generator:
             if isinstance(answer, BaseException):
                 raise answer
             results.append(answer)
-        await self.queue.finish_reading([r.id for r in requests])
+        self.queue.mark_read([r.id for r in requests])
         return results
 
     async def _result(self, request: GenerationRequest) -> GenerationResult:
@@ -241,7 +243,7 @@ class Generator:
                     if unanswered(event) is not None:
                         reason = "error"  # the stream ends on it: the others are useless
                 yield index, event
-            await self.queue.finish_reading([r.id for r in requests])
+            self.queue.mark_read([r.id for r in requests])
         finally:
             # Before any await: a disconnect arrives as an anyio cancel scope, which
             # cancels every await made in it, this cleanup's included.

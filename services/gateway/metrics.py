@@ -3,14 +3,23 @@
 :class:`MetricsMiddleware` counts every HTTP request by route template and status and
 times it end to end (a stream ends when its last byte is sent); generation code reports
 results through :meth:`GatewayMetrics.observe_result`.
+
+With several gateway processes on one port (``AEGIS_GATEWAY_PROCESSES``), a scrape
+reaches one of them at random: the supervisor then sets ``PROMETHEUS_MULTIPROC_DIR`` (a
+fresh directory per start) for its processes, prometheus-client keeps every value in a
+per-process file there, and ``/metrics`` renders all the files of the directory:
+counters and histograms are summed over the processes; each gauge says how it combines
+(``multiprocess_mode``, ignored in a single process).
 """
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shared.schemas import GenerationRequest, GenerationResult
@@ -24,6 +33,9 @@ class GatewayMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         reg = self.registry
+        # Set for the processes of a multi-process gateway, before prometheus-client is
+        # imported (it picks its file-backed values then): render every process's files.
+        self.multiprocess_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
         self.requests = Counter(
             "aegis_gateway_requests", "HTTP requests answered", ["route", "status"], registry=reg
         )
@@ -46,8 +58,13 @@ class GatewayMetrics:
             buckets=LATENCY_BUCKETS,
             registry=reg,
         )
+        # Read from Redis by the process that answers the scrape, just before it renders
+        # (or on a 429): the same for every process, so the latest value is the one.
         self.queue_depth = Gauge(
-            "aegis_gateway_queue_depth", "Requests waiting in the stream", registry=reg
+            "aegis_gateway_queue_depth",
+            "Requests waiting in the stream",
+            registry=reg,
+            multiprocess_mode="mostrecent",
         )
         self.tokens = Counter(
             "aegis_gateway_tokens_generated", "Completion tokens generated", registry=reg
@@ -62,7 +79,20 @@ class GatewayMetrics:
             "aegis_dead_letters",
             "Requests dead-lettered after too many failed deliveries (all workers, ever)",
             registry=reg,
+            multiprocess_mode="mostrecent",
         )
+        # 1 per serving process, summed over the live ones (the supervisor marks a process
+        # that exits dead): how many processes share the port right now.
+        self.processes = Gauge(
+            "aegis_gateway_processes",
+            "Gateway processes serving (their metrics are summed here)",
+            registry=reg,
+            multiprocess_mode="livesum",
+        )
+        self._scrape = reg
+        if self.multiprocess_dir is not None:
+            self._scrape = CollectorRegistry()
+            MultiProcessCollector(self._scrape, path=self.multiprocess_dir)
 
     def observe_result(
         self, request: GenerationRequest, result: GenerationResult, first_token_at: float | None
@@ -75,7 +105,8 @@ class GatewayMetrics:
             self.ttft.observe(max(0.0, first - request.enqueued_at))
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        """The exposition text: this app's registry, or every process's files."""
+        return generate_latest(self._scrape)
 
 
 def _route_label(scope: Scope) -> str:

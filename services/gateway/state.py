@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import redis
 import redis.asyncio as aioredis
@@ -16,6 +17,24 @@ from services.gateway.metrics import GatewayMetrics
 from services.gateway.readiness import DatabaseCheck
 from shared.keys import Keys
 from shared.queue import GatewayQueue
+
+
+def connection_kwargs() -> dict[str, Any]:
+    """Keyword arguments that make a new gateway Redis connection cheap to open.
+
+    Every waiting request holds a connection in its blocking read, so a burst of new
+    requests opens a connection each. redis-py 8 would then send ``HELLO 3`` and two
+    ``CLIENT SETINFO`` (two round trips before the first command), and read its own
+    version from the package metadata for each connection (parsing METADATA: some 30 %
+    of the gateway's CPU in a burst of 512). RESP2 (redis-py's default before
+    8; :func:`shared.queue._entries` reads both) and no ``SETINFO`` (a label in
+    ``CLIENT LIST`` only) make a new connection a TCP connect and nothing more.
+    """
+    try:
+        from redis.driver_info import DriverInfo  # noqa: F401  (where driver_info exists)
+    except ImportError:
+        return {"protocol": 2, "lib_name": None, "lib_version": None}
+    return {"protocol": 2, "driver_info": None}
 
 
 @dataclass
@@ -42,7 +61,10 @@ class GatewayState:
         # Every waiting request holds a connection in a blocking XREAD: size the pool for a
         # full queue, and make a request beyond it wait for a connection, not fail.
         pool = aioredis.BlockingConnectionPool.from_url(
-            settings.redis_url, max_connections=settings.max_queue_depth + 64, timeout=None
+            settings.redis_url,
+            max_connections=settings.max_queue_depth + 64,
+            timeout=None,
+            **connection_kwargs(),
         )
         client = aioredis.Redis(connection_pool=pool)
         sync_client = redis.Redis.from_url(settings.redis_url)

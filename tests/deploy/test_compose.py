@@ -103,6 +103,17 @@ def test_a_host_that_only_adds_workers_points_them_at_the_shared_stores(
     assert services["worker"]["hostname"] == "node1"
 
 
+def test_the_gateway_runs_several_processes_as_the_env_says(tmp_path: Path) -> None:
+    gateway = resolved([BASE], env_file(tmp_path))["services"]["gateway"]
+    assert gateway["environment"]["AEGIS_GATEWAY_PROCESSES"] == "4"  # .env.example's
+    without = {**SECRETS, "AEGIS_GATEWAY_PROCESSES": ""}
+    gateway = resolved([BASE], env_file(tmp_path, without))["services"]["gateway"]
+    assert gateway["environment"]["AEGIS_GATEWAY_PROCESSES"] == "4"  # the file's default
+    two = {**SECRETS, "AEGIS_GATEWAY_PROCESSES": "2"}
+    gateway = resolved([BASE], env_file(tmp_path, two))["services"]["gateway"]
+    assert gateway["environment"]["AEGIS_GATEWAY_PROCESSES"] == "2"
+
+
 def test_published_ports_stay_on_loopback_unless_the_env_says_otherwise(env: Path) -> None:
     services = resolved([BASE], env, ("observability",))["services"]
     published = [p for s in services.values() for p in s.get("ports", [])]

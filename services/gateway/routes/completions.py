@@ -10,7 +10,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel
 
-from services.gateway.deps import GeneratorDep, ModelDep, SettingsDep
+from services.gateway.deps import ServingDep
 from services.gateway.generation import Generator
 from services.gateway.idempotency import (
     IdempotencyHeader,
@@ -60,13 +60,11 @@ def _documented(model: type[BaseModel]) -> dict[int | str, dict[str, Any]]:
 async def create_completion(
     body: CompletionRequest,
     request: Request,
-    model: ModelDep,
-    settings: SettingsDep,
-    generator: GeneratorDep,
+    serving: ServingDep,
     idempotency_key: IdempotencyHeader = None,
 ) -> JSONResponse | StreamingResponse:
     """Complete a prompt (or a list of prompts); streams server-sent events if asked."""
-    plan = plan_completion(body, model, settings)
+    plan = plan_completion(body, serving.model, serving.settings)
 
     def respond(plan: Plan, results: Results) -> BaseModel:
         return completion_response(
@@ -75,22 +73,20 @@ async def create_completion(
         )  # fmt: skip
 
     call = _Call(plan, body, request, idempotency_key)
-    return await call.answer(generator, CompletionChunks(), respond)
+    return await call.answer(serving.generator, CompletionChunks(), respond)
 
 
 @router.post("/chat/completions", response_model=None, responses=_documented(ChatResponse))
 async def create_chat_completion(
     body: ChatRequest,
     request: Request,
-    model: ModelDep,
-    settings: SettingsDep,
-    generator: GeneratorDep,
+    serving: ServingDep,
     idempotency_key: IdempotencyHeader = None,
 ) -> JSONResponse | StreamingResponse:
     """Continue a conversation as the assistant; streams server-sent events if asked."""
-    plan = plan_chat(body, model, settings)
+    plan = plan_chat(body, serving.model, serving.settings)
     call = _Call(plan, body, request, idempotency_key)
-    return await call.answer(generator, ChatChunks(), chat_response)
+    return await call.answer(serving.generator, ChatChunks(), chat_response)
 
 
 @dataclass
