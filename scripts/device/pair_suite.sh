@@ -33,6 +33,11 @@ first_gpu() {
 first_gpu "$@" &
 bench 1 "$second" "$@" &
 wait
+for gpu in 0 1; do
+  mkdir -p "results/gpu$gpu" && cp "results/gpu$gpu.log" "results/gpu$gpu/"
+  tar czf "$OUT/gpu$gpu.tgz" -C results "gpu$gpu"
+  grep -E "^(scenario|---|[a-z]+ +[a-z])" "results/gpu$gpu.log" | tail -25
+done
 if [ -n "${THEN:-}" ]; then
   CUDA_VISIBLE_DEVICES=0,1 timeout -s INT "${THEN_TIMEOUT:-600}" python3 -m experiments.benchmark \
     --scenario "$THEN" --scale full --device cuda --out results/gpu01 --no-progress "$@" \
@@ -46,8 +51,3 @@ if [ -n "${GPU_TESTS:-}" ]; then
   CUDA_VISIBLE_DEVICES=0 python3 -m pytest -m gpu tests/gpu -q -p no:cacheprovider > results/gpu0/gpu_tests.log 2>&1
   tail -3 results/gpu0/gpu_tests.log
 fi
-for gpu in 0 1; do
-  mkdir -p "results/gpu$gpu" && cp "results/gpu$gpu.log" "results/gpu$gpu/"
-  tar czf "$OUT/gpu$gpu.tgz" -C results "gpu$gpu"
-  grep -E "^(scenario|---|[a-z]+ +[a-z])" "results/gpu$gpu.log" | tail -25
-done
