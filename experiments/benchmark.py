@@ -41,8 +41,8 @@ SCENARIOS = (
     "colocated",
     "memory",
     "adaptive",
-    "oom",
     "elastic",
+    "oom",
 )
 
 
