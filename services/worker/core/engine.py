@@ -530,13 +530,13 @@ class EngineCore:
         used = {b for table in tables for b in table}
         kept = sorted(used - set(moves.values()))
         self.scheduler.pool = BlockPool.holding(blocks, self.runner.block_size, used)
-        try:
-            self.runner.resize(blocks, moves, kept)
-        except torch.OutOfMemoryError:
+        if not self._resize_runner(blocks, moves, kept):
             # Another process took the memory a layer needed: every running sequence is
-            # recomputed later, and a pool that fits now replaces this one.
+            # recomputed later, and a pool that fits now replaces this one. (Outside the
+            # except block: its traceback would keep the old layers alive.)
             preempted += self.scheduler.preempt_all()
             blocks, used = self.runner.remake(budget_bytes), set()
+            budget_bytes = blocks * block_bytes  # what it is: a later budget grows it again
             log.warning("KV pool resize ran out of memory: pool re-made at %d blocks, "
                         "%d sequences preempted", blocks, preempted)  # fmt: skip
         self.scheduler.pool = BlockPool.holding(blocks, self.runner.block_size, used)
@@ -544,6 +544,13 @@ class EngineCore:
         report = ResizeReport(old, blocks, len(moves), preempted, time.perf_counter() - started)
         self.resizes.append(report)
         return report
+
+    def _resize_runner(self, blocks: int, moves: dict[int, int], kept: list[int]) -> bool:
+        try:
+            self.runner.resize(blocks, moves, kept)
+        except torch.OutOfMemoryError:
+            return False
+        return True
 
     def _new_runner(self, budget: int) -> ModelRunner:
         cfg = self.config

@@ -234,6 +234,9 @@ class KVCache:
                 tensors[i] = _resized_layer(tensors, i, num_blocks, sources, targets)
 
 
+STAGE_BLOCKS = 1024  # blocks gathered per device temporary when staging through the host
+
+
 def _resized_layer(
     tensors: list[torch.Tensor],
     i: int,
@@ -243,21 +246,49 @@ def _resized_layer(
 ) -> torch.Tensor:
     old = tensors[i]
     shape = (num_blocks + 1, *old.shape[1:])
+    new: torch.Tensor | None
     try:
-        new = old.new_zeros(shape)
+        new = _copied_layer(old, shape, sources, targets)
     except torch.OutOfMemoryError:
-        staged = old.index_select(0, sources).cpu() if len(sources) else None
-        tensors[i] = old = torch.empty(0, dtype=old.dtype)  # the only reference: frees it
-        _return_to_driver(sources.device)
-        new = torch.zeros(shape, dtype=old.dtype, device=sources.device)
-        if staged is not None:
-            new.index_copy_(0, targets, staged.to(sources.device))
-        return new
-    if len(sources):
-        new.index_copy_(0, targets, old.index_select(0, sources))
+        new = None
+    if new is None:  # out of the except block: its traceback held what the call made
+        del old
+        return _staged_layer(tensors, i, shape, sources, targets)
     tensors[i] = new
     del old  # the old layer goes back before the next one is made
     _return_to_driver(sources.device)
+    return new
+
+
+def _copied_layer(
+    old: torch.Tensor, shape: tuple[int, ...], sources: torch.Tensor, targets: torch.Tensor
+) -> torch.Tensor:
+    new = old.new_zeros(shape)
+    if len(sources):  # the gather's temporary is device memory too
+        new.index_copy_(0, targets, old.index_select(0, sources))
+    return new
+
+
+def _staged_layer(
+    tensors: list[torch.Tensor],
+    i: int,
+    shape: tuple[int, ...],
+    sources: torch.Tensor,
+    targets: torch.Tensor,
+) -> torch.Tensor:
+    """The kept blocks wait in host memory while the old layer is freed, then the new
+    layer is made: the device needs no room beyond the old layer's own."""
+    old = tensors[i]
+    # Gathered a slice at a time: a small device temporary even when most blocks are kept.
+    parts = [old.index_select(0, part).cpu() for part in sources.split(STAGE_BLOCKS)]
+    staged = torch.cat(parts) if parts else None
+    dtype, device = old.dtype, sources.device
+    tensors[i] = torch.empty(0, dtype=dtype)  # the only reference: frees the old layer
+    del old
+    _return_to_driver(device)
+    new = torch.zeros(shape, dtype=dtype, device=device)
+    if staged is not None:
+        new.index_copy_(0, targets, staged.to(device))
     return new
 
 

@@ -173,8 +173,7 @@ class ModelRunner:
         assert self.memory is not None
         self._graphs.clear()
         self._graph_pool = None
-        self.cache = None
-        gc.collect()
+        self.cache = None  # its layers go now (no gc pass: the memory is wanted at once)
         if self.on_cuda:
             torch.cuda.synchronize(self.device)
             torch.cuda.empty_cache()
