@@ -159,10 +159,16 @@ class ModelRunner:
         return time.perf_counter() - started
 
     def _hold_activation_memory(self) -> torch.Tensor | None:
+        """What this process's allocator already caches for activations (up to the
+        profiled peak), held; never memory newly taken from the driver."""
         if not self.on_cuda or self.memory is None or not self.memory.activation_peak:
             return None
+        cached = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+        size = min(self.memory.activation_peak, int(cached) // 2)  # fragmented: not all of it
+        if size <= 0:
+            return None
         try:
-            return torch.empty(self.memory.activation_peak, dtype=torch.uint8, device=self.device)
+            return torch.empty(size, dtype=torch.uint8, device=self.device)
         except torch.OutOfMemoryError:
             return None  # already fragmented or taken: the OOM guard covers the steps
 
