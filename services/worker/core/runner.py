@@ -167,10 +167,14 @@ class ModelRunner:
         size = min(self.memory.activation_peak, int(cached) // 2)  # fragmented: not all of it
         if size <= 0:
             return None
+        reserved = torch.cuda.memory_reserved(self.device)
         try:
-            return torch.empty(size, dtype=torch.uint8, device=self.device)
+            held = torch.empty(size, dtype=torch.uint8, device=self.device)
         except torch.OutOfMemoryError:
             return None  # already fragmented or taken: the OOM guard covers the steps
+        if torch.cuda.memory_reserved(self.device) > reserved:
+            return None  # no cached block was large enough: the resize returns this one
+        return held
 
     def remake(self, budget_bytes: int) -> int:
         """Drop the pool (its contents: the caller preempted every sequence) and make a new
