@@ -5,7 +5,7 @@ or ``--gateway-processes N`` on one port) and a paced echo worker process on the
 Redis (own key prefix), then runs
 
 1. ``steady``: 2,000 completions from 64 concurrent clients, a worker faster than the
-   gateway (16 requests per 10 ms step): every one must be a 200;
+   gateway (64 requests per 10 ms step): every one must be a 200;
 2. ``overload``: 2,000 completions from 256 concurrent clients against a worker slower
    than the offered load (8 requests per 200 ms step, 40 req/s) and a queue bound of
    128: the only errors allowed are 429s, each with ``Retry-After`` (a client waits that
@@ -306,7 +306,7 @@ def main(argv: list[str] | None = None) -> None:
         "AEGIS_GATEWAY_PROCESSES": str(args.gateway_processes),
     }  # fmt: skip
     phases = [
-        Phase("steady", args.requests, 64, worker_batch=16, worker_step_ms=10),
+        Phase("steady", args.requests, 64, worker_batch=64, worker_step_ms=10),
         Phase("overload", args.requests, 256, worker_batch=8, worker_step_ms=200),
     ]
     gateway = _start([sys.executable, "-m", "services.gateway"], env, work / "gateway.log")
