@@ -98,6 +98,10 @@ class BenchContext:
                 decode_steps=DECODE_STEPS,
             )
             self._core = EngineCore(self.model(), config)
+            # As the worker does before it announces its model: no timed run pays for
+            # capturing a decode graph (a resize drops them; those are captured again
+            # inside the runs, as in the worker).
+            self._core.warm_up()
         return self._core
 
     def vocab_size(self) -> int:
