@@ -15,7 +15,14 @@ from typing import Any
 
 from experiments.context import BenchContext
 from experiments.runner import cycles_dicts
-from experiments.scenarios.common import closed_loop, policy_dict, ratio, runner, settings
+from experiments.scenarios.common import (
+    closed_loop,
+    idle_card_pool,
+    policy_dict,
+    ratio,
+    runner,
+    settings,
+)
 
 
 def run(ctx: BenchContext) -> dict[str, Any]:
@@ -63,6 +70,15 @@ def run(ctx: BenchContext) -> dict[str, Any]:
 def _adaptive(ctx: BenchContext, phases: list, default: int) -> dict[str, Any]:
     loop = closed_loop(ctx, default)
     aegis = runner(ctx)
+    pool = idle_card_pool(aegis.core)
+    if pool is not None:
+        # As a deployed worker starts: its pool sized to the card (which the agent keeps)
+        # and its graphs captured, before any request. The static runs keep the
+        # benchmark's smaller pool: W2 needs a few GiB, so the size changes nothing there.
+        start = loop.state.settings.model_copy(update={"kv_budget_bytes": pool})
+        aegis.core.apply(start)
+        aegis.core.warm_up()
+        loop.state.settings = start
     results, cycles, offset = [], [], 0.0
     for phase, requests in phases:
         first_decision = len(loop.decisions)

@@ -12,6 +12,7 @@ from experiments.context import BenchContext
 from experiments.runner import AegisRunner, ClosedLoop
 from services.agent.memory_model import Coefficients
 from services.agent.policy import PolicyConfig
+from services.worker.core.engine import EngineCore
 from services.worker.model import LoadedModel, parameter_bytes
 from services.worker.oom import OomInjector
 from services.worker.precision import free_memory
@@ -33,6 +34,19 @@ def runner(ctx: BenchContext, fault: OomInjector | None = None) -> AegisRunner:
     core.apply(settings(ctx, core.limits.max_num_seqs))
     free_memory()
     return AegisRunner(core, ctx.device)
+
+
+def idle_card_pool(core: EngineCore) -> int | None:
+    """The KV pool a worker alone on this card starts with and the agent keeps (within
+    its 10 % resize threshold): the room left by weights, activations and other processes,
+    less 10 % of the card. None off CUDA."""
+    room = core.runner.room_for_kv_bytes()
+    if room is None:
+        return None
+    import torch
+
+    total = int(torch.cuda.get_device_properties(core.device).total_memory)
+    return room - total // 10
 
 
 def settings(ctx: BenchContext, batch: int) -> ControlSettings:

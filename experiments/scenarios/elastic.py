@@ -41,7 +41,7 @@ from experiments.measure import rate_between
 from experiments.neighbour import Neighbour, NeighbourEvent
 from experiments.runner import timeline
 from experiments.scenarios.bursty import batch_at_a_time
-from experiments.scenarios.common import attempt, closed_loop, runner, settings
+from experiments.scenarios.common import attempt, closed_loop, idle_card_pool, runner, settings
 from experiments.workloads import FIRST_ID
 from services.agent.policy import MemoryView
 from services.worker.core.engine import EngineCore
@@ -118,9 +118,8 @@ class Card:
             return cls(total, pool, total - weights, True)
         import torch
 
-        room = core.runner.room_for_kv_bytes() or 0
         total = int(torch.cuda.get_device_properties(core.device).total_memory)
-        pool = room - int(0.1 * total)  # the agent keeps ~10 % of the card free
+        pool = idle_card_pool(core) or 0
         core.resize_kv(pool)
         free, _ = torch.cuda.mem_get_info(core.device)
         return cls(total, core.runner.memory.kv_bytes if core.runner.memory else pool,
