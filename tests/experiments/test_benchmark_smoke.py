@@ -19,7 +19,7 @@ from experiments.benchmark import main
 from experiments.summary import summary_rows
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-CORE = ("sweep", "bursty", "memory", "adaptive", "oom", "elastic")
+CORE = ("sweep", "bursty", "memory", "adaptive", "elastic", "oom")
 ARGS = ["--scale", "tiny", "--device", "cpu", "--threads", "1", "--no-progress", "--seed", "0"]
 
 
