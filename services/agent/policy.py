@@ -269,7 +269,11 @@ class AgentPolicy:
             return None
         block_bytes = last.kv_pool_bytes / last.kv_blocks_total
         fixed = (last.memory_peak_bytes or 0) - last.kv_blocks_used * block_bytes
-        usable = mem.total_bytes - mem.other_bytes
+        usable: float = mem.total_bytes - mem.other_bytes
+        if mem.peer_workers:
+            # Other AEGIS workers share this GPU: what the rest leave is split evenly, so
+            # the first to start does not keep it all and none is starved.
+            usable = (usable + mem.peer_bytes) / (1 + mem.peer_workers)
         target = int(max(cfg.min_kv_bytes, usable * cfg.kv_target_fraction - fixed))
         current = state.settings.kv_budget_bytes or last.kv_pool_bytes
         change = target / current - 1
@@ -282,6 +286,10 @@ class AgentPolicy:
             f"{_gib(mem.other_bytes)} of {_gib(mem.total_bytes)} GiB, the worker's weights "
             f"and activations {_gib(fixed)}"
         )
+        if mem.peer_workers:
+            ctx.inputs.update(peer_workers=mem.peer_workers, peer_bytes=mem.peer_bytes)
+            why += (f"; an even share with {mem.peer_workers} other AEGIS worker(s) on this "
+                    f"GPU ({_gib(mem.peer_bytes)} GiB of that memory)")  # fmt: skip
         return self._change(state, ctx, DecisionAction.KV_BUDGET, why, kv_budget_bytes=target)
 
     def _on_oom(

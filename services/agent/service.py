@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import redis
@@ -209,7 +209,22 @@ class AgentService(Stoppable):
         if gpu is None:
             return None
         pid = info.pid if info else None
-        return memory_view(gpu, pid, cycle, self.settings.overhead_bytes)
+        view = memory_view(gpu, pid, cycle, self.settings.overhead_bytes)
+        peers = self._peer_pids(worker, info.host if info else None, gpu.process_memory_bytes)
+        if not peers:
+            return view
+        held = sum(gpu.process_memory_bytes[p] for p in peers)
+        return replace(view, peer_workers=len(peers), peer_bytes=held)
+
+    def _peer_pids(self, worker: _Worker, host: str | None, procs: dict[int, int]) -> list[int]:
+        """Pids of the other known AEGIS workers of this host that use this GPU."""
+        own = worker.info.pid if worker.info else None
+        return [
+            other.info.pid
+            for other in self.workers.values()
+            if other is not worker and other.info is not None and other.info.host == host
+            and other.info.pid in procs and other.info.pid != own
+        ]  # fmt: skip
 
     def decide_all(self) -> list[Decision]:
         """Run the policy for every worker with something new; the decisions made."""

@@ -91,6 +91,10 @@ class MemoryView:
     used_bytes: int
     other_bytes: int
     own_bytes: int | None = None
+    # Other AEGIS workers on this GPU (their memory is part of other_bytes): the KV pool
+    # rule splits the GPU with them instead of taking what they hold as lost.
+    peer_workers: int = 0
+    peer_bytes: int = 0
 
 
 def memory_view(

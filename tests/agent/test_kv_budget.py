@@ -60,3 +60,33 @@ def test_small_changes_and_workers_without_a_pool_leave_the_budget_alone() -> No
     batch_engine = window(0, 0, 0).model_copy(update={"kv_blocks_total": 0})
     other = policy.decide(state, Observation(200.0, view(60 * GIB), [batch_engine]))
     assert other is None or other.action != DecisionAction.KV_BUDGET
+
+
+def test_two_aegis_workers_on_one_gpu_converge_to_even_pools() -> None:
+    """Worker a started first and took most of the card; b got what was left. With the
+    peer known, both move to an even share (b grows, a shrinks); without it, b would
+    only ever get 90 % of what a leaves."""
+    config = PolicyConfig(grow_cooldown_s=0.0, grow_cooldown_cycles=0)
+    total, fixed = 140 * GIB, WEIGHTS + ACTIVATIONS
+    pools = {"a": 110 * GIB, "b": 10 * GIB}
+    agents = {name: (AgentPolicy(config), new_state(batch=64)) for name in pools}
+    for name, (_, state) in agents.items():
+        state.settings = state.settings.model_copy(update={"kv_budget_bytes": pools[name]})
+    first_took_it = Observation(0.0, view(pools["a"] + fixed), [window(pools["b"], 10, 0)])
+    alone = AgentPolicy(config).decide(new_state(batch=64), first_took_it)
+    assert alone is not None and alone.after.kv_budget_bytes < 0.9 * (30 * GIB)  # starved
+    for step in range(4):
+        for name, (policy, state) in agents.items():
+            peer = "b" if name == "a" else "a"
+            held = pools[peer] + fixed
+            memory = MemoryView(total, total // 2, other_bytes=held, peer_workers=1,
+                                peer_bytes=held)  # fmt: skip
+            version = state.settings.version
+            obs = Observation(100.0 + step, memory, [window(pools[name], 10, version)])
+            decision = policy.decide(state, obs)
+            if decision is not None and decision.action == DecisionAction.KV_BUDGET:
+                pools[name] = decision.after.kv_budget_bytes
+                assert "an even share with 1 other AEGIS worker(s)" in decision.reason
+    even = 0.9 * total / 2 - fixed
+    assert pools["a"] == pytest.approx(even, rel=0.02)
+    assert pools["b"] == pytest.approx(even, rel=0.02)

@@ -202,3 +202,27 @@ def test_old_events_are_not_replayed_and_run_stops(
     assert not thread.is_alive()
     assert service.workers == {}  # the OOM from before the agent started is history
     assert ControlStore(redis_client, keys).read(WORKER) is None
+
+
+def test_a_second_aegis_worker_on_the_gpu_is_seen_as_a_peer(
+    redis_client: redis.Redis, keys: Keys, key_prefix: str, redis_url: str
+) -> None:
+    """Both workers announce the same host; the GPU lists both pids and a third process:
+    each worker's view counts the other as a peer, the third as a plain other process."""
+    for worker_id, pid in (("w1", PID), ("w2", PID + 7)):
+        info = WorkerInfo(worker_id=worker_id, host="gpu-host", pid=pid, device="cuda:0",
+                          gpu_index=0, model="synthetic:tiny", synthetic=True)  # fmt: skip
+        redis_client.hset(keys.workers, worker_id, dump(info))
+    service = AgentService(settings_for(key_prefix, redis_url), redis_client)
+    procs = {PID: 30 * GIB, PID + 7: 20 * GIB, PID + 9: 5 * GIB}
+    gpu = GpuSample(index=0, name="H200", memory_used_bytes=55 * GIB,
+                    memory_total_bytes=140 * GIB, process_memory_bytes=procs)  # fmt: skip
+    send_telemetry(redis_client, keys, TelemetrySample(host="gpu-host", gpu="nvml", gpus=[gpu]))
+    for worker_id in ("w1", "w2"):
+        event = cycle(8, version=1).model_copy(update={"worker_id": worker_id})
+        publish_event(redis_client, keys, event, maxlen=1000)
+    service.step(block_ms=200)
+    first, second = (service.memory_of(service.workers[w]) for w in ("w1", "w2"))
+    assert first is not None and second is not None
+    assert (first.other_bytes, first.peer_workers, first.peer_bytes) == (25 * GIB, 1, 20 * GIB)
+    assert (second.other_bytes, second.peer_workers, second.peer_bytes) == (35 * GIB, 1, 30 * GIB)
