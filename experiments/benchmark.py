@@ -36,6 +36,7 @@ log = logging.getLogger("experiments.benchmark")
 SCENARIOS = (
     "sweep",
     "bursty",
+    "goodput",
     "system",
     "scaleout",
     "colocated",

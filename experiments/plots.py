@@ -28,6 +28,7 @@ def write_all(results: dict[str, Any], out: Path) -> list[Path]:
         "scaleout": _scaleout,
         "colocated": _colocated,
         "elastic": _elastic,
+        "goodput": _goodput,
     }
     written = []
     for name, make in makers.items():
@@ -176,6 +177,24 @@ def _oom(fig: Any, d: dict[str, Any]) -> None:
                 fontsize=8,
             )
         right.set(ylabel="requests completed", title=f"W4 OOM pressure ({w4['requests']} requests)")
+
+
+def _goodput(fig: Any, d: dict[str, Any]) -> None:
+    """TTFT quantiles (left) and tokens/s (right), without and with the target."""
+    left, right = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    runs = [("no target", d["no_target"]), ("target", d["target"])]
+    quantiles = ("ttft_p50_s", "ttft_p95_s", "ttft_p99_s")
+    for i, (name, run) in enumerate(runs):
+        left.bar([j + (i - 0.5) * 0.4 for j in range(3)],
+                 [run.get(q) or 0.0 for q in quantiles], 0.4, label=name)  # fmt: skip
+    left.axhline(d["config"]["ttft_target_ms"] / 1000, color="grey", linestyle="--",
+                 label="target")  # fmt: skip
+    left.set_xticks(range(3), ["p50", "p95", "p99"])
+    left.set(ylabel="time to first token (s)", title="TTFT from arrival")
+    left.legend(fontsize=7)
+    right.bar([name for name, _ in runs], [run["tokens_per_s"] for _, run in runs],
+              color=["C0", "C1"])  # fmt: skip
+    right.set(ylabel="generated tokens/s", title="throughput")
 
 
 def _elastic(fig: Any, d: dict[str, Any]) -> None:

@@ -86,6 +86,7 @@ def markdown(results: dict[str, Any], images: list[str]) -> str:
         "scaleout": _scaleout_md,
         "colocated": _colocated_md,
         "elastic": _elastic_md,
+        "goodput": _goodput_md,
     }
     for name, build in sections.items():
         data = results.get("scenarios", {}).get(name)
@@ -120,6 +121,24 @@ def _bursty_md(d: dict[str, Any]) -> list[str]:
     rows = [[name, *[s.get(k) for k in keys], s.get("note") or "-"] for name, s in systems]
     return lines + table(["system", "tok/s", "answered", "TTFT p50 s", "TTFT p99 s",
                           "e2e p50 s", "e2e p99 s", "drain s", "note"], rows)  # fmt: skip
+
+
+def _goodput_md(d: dict[str, Any]) -> list[str]:
+    cfg = d["config"]
+    phases = ", ".join(f"{p['rate']}/s for {p['seconds']} s" for p in cfg["phases"])
+    lines = [f"{d['requests']} requests arriving at {phases}; AEGIS adaptive without a "
+             f"time-to-first-token target and with {cfg['ttft_target_ms']} ms.", ""]  # fmt: skip
+    keys = ["tokens_per_s", "completed", "ttft_p50_s", "ttft_p95_s", "ttft_p99_s",
+            "e2e_p50_s", "e2e_p99_s"]  # fmt: skip
+    runs = [("no target", d["no_target"]), (f"target {cfg['ttft_target_ms']} ms", d["target"])]
+    lines += table(["run", "tok/s", "answered", "TTFT p50 s", "TTFT p95 s", "TTFT p99 s",
+                    "e2e p50 s", "e2e p99 s"],
+                   [[name, *[r.get(k) for k in keys]] for name, r in runs])  # fmt: skip
+    decisions = d["target"]["decisions"]
+    if decisions:
+        lines += ["", "Decisions with the target:", ""]
+        lines += table(["t (s)", "decision"], [[x["t"], x["summary"]] for x in decisions])
+    return lines
 
 
 ELASTIC_SYSTEMS = (

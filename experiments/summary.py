@@ -41,12 +41,27 @@ def summary_rows(results: dict[str, Any]) -> list[Row]:
         "scaleout": _scaleout_summary,
         "colocated": _colocated_summary,
         "elastic": _elastic_summary,
+        "goodput": _goodput_summary,
     }
     for name, build in builders.items():
         data = scenario_data(results, name)
         if data is not None:
             rows += build(data)
     return rows
+
+
+def _goodput_summary(data: dict[str, Any]) -> list[Row]:
+    """TTFT p95 and tokens/s with the target vs without it."""
+    target, free = data.get("target"), data.get("no_target")
+    if not isinstance(target, dict) or not isinstance(free, dict):
+        return []
+    ms = data["config"]["ttft_target_ms"]
+    return [
+        ("goodput", f"TTFT p95 s, target {ms} ms", target["ttft_p95_s"], "no target",
+         free["ttft_p95_s"], None),
+        ("goodput", "tokens/s with the target", target["tokens_per_s"], "no target",
+         free["tokens_per_s"], data["ratio_tokens_per_s"]),
+    ]  # fmt: skip
 
 
 def _elastic_summary(data: dict[str, Any]) -> list[Row]:

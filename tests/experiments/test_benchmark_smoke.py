@@ -19,7 +19,7 @@ from experiments.benchmark import main
 from experiments.summary import summary_rows
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-CORE = ("sweep", "bursty", "memory", "adaptive", "elastic", "oom")
+CORE = ("sweep", "bursty", "goodput", "memory", "adaptive", "elastic", "oom")
 ARGS = ["--scale", "tiny", "--device", "cpu", "--threads", "1", "--no-progress", "--seed", "0"]
 
 
@@ -166,6 +166,20 @@ def test_elastic_pool_makes_room_for_the_neighbour_and_takes_it_back(
     assert aegis["tokens_per_s_before"] > 0 and "tokens_per_s_phase_3" in aegis
 
 
+def test_goodput_target_moves_the_agent_and_loses_nothing(
+    core: tuple[Path, dict[str, Any]],
+) -> None:
+    goodput = core[1]["scenarios"]["goodput"]
+    free, target = goodput["no_target"], goodput["target"]
+    for run in (free, target):
+        assert run["completed"] == goodput["requests"] > 0 and run["failed"] == 0
+        assert run["ttft_p95_s"] is not None and run["ttft_p50_s"] <= run["ttft_p95_s"]
+    # A 1 ms target is missed by every window: the agent acts on it, and only with it.
+    assert any("TTFT p95" in d["summary"] for d in target["decisions"])
+    assert not any("TTFT" in d["summary"] for d in free["decisions"])
+    assert goodput["ratio_tokens_per_s"] > 0
+
+
 def test_bursty_arrivals_are_served_as_they_come(core: tuple[Path, dict[str, Any]]) -> None:
     bursty = core[1]["scenarios"]["bursty"]
     aegis, peer = bursty["aegis"], bursty["hf_static"]
@@ -184,7 +198,7 @@ def test_markdown_and_plots(core: tuple[Path, dict[str, Any]]) -> None:
     md = (out / "results.md").read_text()
     assert "| scenario | measure | AEGIS | peer | peer value | AEGIS/peer |" in md
     for heading in ("## sweep", "## bursty", "## memory", "## adaptive", "## oom", "### W3",
-                    "## elastic"):  # fmt: skip
+                    "## elastic", "## goodput"):  # fmt: skip
         assert heading in md
     assert "paged\\|sdpa" in md  # pipes inside cells are escaped
     for name in CORE:

@@ -70,8 +70,8 @@ def test_malformed_specs_are_rejected(tmp_path: Path) -> None:
 
 def test_cli_lists_and_rates() -> None:
     assert scenarios_of("all") == [
-        "sweep", "bursty", "system", "scaleout", "colocated", "memory", "adaptive", "elastic",
-        "oom",
+        "sweep", "bursty", "goodput", "system", "scaleout", "colocated", "memory", "adaptive",
+        "elastic", "oom",
     ]  # fmt: skip
     assert scenarios_of("colocated,scaleout") == ["scaleout", "colocated"]
     assert scenarios_of("oom, sweep") == ["sweep", "oom"]
