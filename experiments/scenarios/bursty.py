@@ -124,7 +124,7 @@ def latency_summary(result: RunResult, last_arrival: float) -> dict[str, Any]:
     finished = max((t["finished"] for t in timings), default=0.0)
     summary = result.to_dict()
     summary.update(
-        ttft_p50_s=_pct(ttft, 0.5), ttft_p99_s=_pct(ttft, 0.99),
+        ttft_p50_s=_pct(ttft, 0.5), ttft_p95_s=_pct(ttft, 0.95), ttft_p99_s=_pct(ttft, 0.99),
         e2e_p50_s=_pct(e2e, 0.5), e2e_p99_s=_pct(e2e, 0.99),
         drain_s=round(max(0.0, finished - last_arrival), 3),
         timeline=[[round(t["arrived"], 3), round(t["finished"], 3)] for t in timings],

@@ -32,19 +32,10 @@ def run(ctx: BenchContext) -> dict[str, Any]:
                 requests, loop.state.settings, system=f"aegis_{name}", loop=loop, bar=bar,
                 arrivals=arrivals, keep_timings=True,
             )  # fmt: skip
-        ttft = sorted(t["first_token"] - t["arrived"] for t in result.extra["timings"]
-                      if t["error"] is None and t["first_token"] is not None)  # fmt: skip
         summary = latency_summary(result, max(arrivals))
         summary.pop("timeline")
-        summary["ttft_p95_s"] = _quantile(ttft, 0.95)
         summary["decisions"] = loop.decisions
         out[name] = summary
     out["ratio_tokens_per_s"] = ratio(out["target"]["tokens_per_s"],
                                       out["no_target"]["tokens_per_s"])  # fmt: skip
     return out
-
-
-def _quantile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    return round(values[min(len(values) - 1, round(q * (len(values) - 1)))], 4)

@@ -5,11 +5,7 @@
 #   bash scripts/device/gpu_suite.sh tests|SCENARIOS [extra benchmark args...]
 # Results: results/gpu/ (results.json, results.md, PNGs), copied to $OUT when set.
 set -uo pipefail
-cd "$(dirname "$0")/../.."
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site .whl/*.whl >/dev/null 2>&1 || { echo "wheel install failed"; exit 1; }
-export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/aegis-out}
+source "$(dirname "$0")/setup.sh"
 mkdir -p "$OUT" results/gpu
 what=$1; shift
 if [ "$what" = tests ]; then

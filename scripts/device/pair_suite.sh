@@ -7,11 +7,7 @@
 # THEN=SCENARIOS: afterwards one run over both GPUs (scaleout, colocated), THEN_TIMEOUT s,
 # back as $OUT/gpu01.tgz. GPU_TESTS=1: the GPU tests on GPU 0 at the end.
 set -uo pipefail
-cd "$(dirname "$0")/../.."
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site .whl/*.whl >/dev/null 2>&1 || { echo "wheel install failed"; exit 1; }
-export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/aegis-out}
+source "$(dirname "$0")/setup.sh"
 mkdir -p "$OUT" results
 first=$1 second=$2; shift 2
 bench() {  # GPU SCENARIOS ARGS...

@@ -149,20 +149,26 @@ def time_chart(
     return alt.LayerChart(layer=layers, height=CHART_HEIGHT)
 
 
+def _labelled_rules(frame: pd.DataFrame, value: str, label: str, fmt: str) -> list[alt.Chart]:
+    """Dashed horizontal rules at ``frame[value]``, each labelled with ``frame[label]``."""
+    rules = (
+        alt.Chart(frame)
+        .mark_rule(color=THRESHOLD_COLOR, strokeDash=[6, 4])
+        .encode(y=f"{value}:Q", tooltip=[f"{label}:N", alt.Tooltip(f"{value}:Q", format=fmt)])
+    )
+    texts = (
+        alt.Chart(frame)
+        .mark_text(align="left", dx=4, dy=-6, color=THRESHOLD_COLOR)
+        .encode(x=alt.value(0), y=f"{value}:Q", text=f"{label}:N")
+    )
+    return [rules, texts]
+
+
 def with_target(chart: alt.LayerChart, value: float, label: str) -> alt.LayerChart:
     """``chart`` with a dashed horizontal rule at ``value`` (a target), labelled."""
     target = pd.DataFrame({"value": [value], "label": [label]})
-    rule = (
-        alt.Chart(target)
-        .mark_rule(color=THRESHOLD_COLOR, strokeDash=[6, 4])
-        .encode(y="value:Q", tooltip=["label:N", alt.Tooltip("value:Q", format=".3f")])
-    )
-    text = (
-        alt.Chart(target)
-        .mark_text(align="left", dx=4, dy=-6, color=THRESHOLD_COLOR)
-        .encode(x=alt.value(0), y="value:Q", text="label:N")
-    )
-    return alt.LayerChart(layer=[*chart.layer, rule, text], height=chart.height)
+    rules = _labelled_rules(target, "value", "label", ".3f")
+    return alt.LayerChart(layer=[*chart.layer, *rules], height=chart.height)
 
 
 def memory_chart(
@@ -170,20 +176,9 @@ def memory_chart(
 ) -> alt.LayerChart:
     """Memory used (solid) and total (dashed) in GiB, with the 60% / 85% threshold rules."""
     x = timeline.x()
-    rules = (
-        alt.Chart(thresholds)
-        .mark_rule(color=THRESHOLD_COLOR, strokeDash=[6, 4])
-        .encode(y="gib:Q", tooltip=["level:N", alt.Tooltip("gib:Q", format=".2f")])
-    )
-    labels = (
-        alt.Chart(thresholds)
-        .mark_text(align="left", dx=4, dy=-6, color=THRESHOLD_COLOR)
-        .encode(x=alt.value(0), y="gib:Q", text="level:N")
-    )
     layers = [
         _lines(memory, "gib", "GiB", "device", "series", x),
-        rules,
-        labels,
+        *_labelled_rules(thresholds, "gib", "level", ".2f"),
         decision_rules(timeline.decisions, x),
         oom_marks(timeline.ooms, x),
     ]

@@ -181,12 +181,8 @@ class ModelRunner:
         one of at most ``budget_bytes`` that fits the device now; its blocks. The last
         resort of a resize that could not get its memory."""
         assert self.memory is not None
-        self._graphs.clear()
-        self._graph_pool = None
-        self.cache = None  # its layers go now (no gc pass: the memory is wanted at once)
+        self._drop_cache(collect=False)  # no gc pass: the memory is wanted at once
         if self.on_cuda:
-            torch.cuda.synchronize(self.device)
-            torch.cuda.empty_cache()
             free, _ = torch.cuda.mem_get_info(self.device)
             budget_bytes = min(budget_bytes, int(free) - self.memory.activation_peak)
         block_bytes = self.kv_bytes_per_token * self.block_size
@@ -206,12 +202,17 @@ class ModelRunner:
         return int(free) + self.cache.nbytes - self.memory.activation_peak
 
     def release_cache(self) -> None:
-        """Drop the cache and the graphs that point into it, and hand memory back."""
+        """Drop the cache, the graphs that point into it and their static inputs, and
+        hand memory back."""
+        self._static.clear()
+        self._drop_cache(collect=True)
+
+    def _drop_cache(self, collect: bool) -> None:
         self._graphs.clear()
         self._graph_pool = None
-        self._static.clear()
         self.cache = None
-        gc.collect()
+        if collect:
+            gc.collect()
         if self.on_cuda:
             torch.cuda.synchronize(self.device)
             torch.cuda.empty_cache()
