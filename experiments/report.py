@@ -387,6 +387,23 @@ def _system_md(d: dict[str, Any]) -> list[str]:
         f"completions that stopped before max_tokens: {note}; "
         f"client retries after 429/503: {extra.get('retried_429_503', 0)}.",
         "",
+        *_timeline_md(extra.get("timeline")),
+    ]
+
+
+def _timeline_md(timeline: dict[str, Any] | None) -> list[str]:
+    """Where the system's time went (seconds after the client's first request)."""
+    if not timeline or not timeline.get("requests"):
+        return []
+    t = timeline
+    return [
+        f"Timeline (s after the first request, from the worker's records): the gateway "
+        f"queued the first request at {fmt(t['first_queued_s'], 3)} and the last at "
+        f"{fmt(t['last_queued_s'], 3)}; the worker began the first at "
+        f"{fmt(t['first_started_s'], 3)} and finished the last at "
+        f"{fmt(t['last_finished_s'], 3)} ({fmt(t['server_tokens_per_s'])} tok/s from the "
+        f"first queued to the last finished).",
+        "",
     ]
 
 

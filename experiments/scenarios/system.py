@@ -25,12 +25,14 @@ import logging
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
 import uuid
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import IO, Any
 
 from experiments.context import BenchContext
@@ -51,6 +53,7 @@ RETRY_STATUS = (429, 503)
 RETRY_DELAY_S = 0.1
 # AEGIS_GATEWAY_PROCESSES of the gateway, unless the scenario's config says otherwise.
 GATEWAY_PROCESSES = 4
+WARM_UP_PER_PROCESS = 4
 
 
 def run(ctx: BenchContext) -> dict[str, Any]:
@@ -59,6 +62,9 @@ def run(ctx: BenchContext) -> dict[str, Any]:
     texts, requests = _prompts(ctx, cfg["workload"])
     with Services(ctx, batch) as services:
         system = services.fire(texts, requests)
+    # After the services stopped: the worker's record writer has flushed every request.
+    system.extra["timeline"] = request_timeline(services.database, system.extra["started_at"],
+                                                system.tokens)  # fmt: skip
     with ctx.bar(len(requests), "engine alone") as bar:
         engine, _ = runner(ctx).run(requests, settings(ctx, batch), system="aegis_engine", bar=bar)
     return {
@@ -322,9 +328,15 @@ class Services:
         except Exception as exc:  # cleanup only: never hide the benchmark's result
             log.warning("could not delete the benchmark's Redis keys: %s", exc)
 
+    @property
+    def database(self) -> Path:
+        """The SQLite file the services record into."""
+        return self.ctx.out / "system.db"
+
     def fire(self, texts: list[str], requests: list[GenerationRequest]) -> RunResult:
-        """Every prompt at once; one warm-up request first (not timed)."""
-        self.warm_up()
+        """Every prompt at once, after a few warm-up requests (not timed) that reach each
+        gateway process (the kernel spreads connections over them) and the worker."""
+        self.warm_up(WARM_UP_PER_PROCESS * int(self.env["AEGIS_GATEWAY_PROCESSES"]))
         result, _ = self.load(texts, [r.params.max_tokens for r in requests])
         return result
 
@@ -336,7 +348,7 @@ class Services:
         self, texts: list[str], budgets: list[int], monitor: Monitor | None = None
     ) -> tuple[RunResult, list[Answer | None]]:
         """Every prompt at once, ``monitor`` running beside; the figures and each answer."""
-        start = time.perf_counter()
+        started_at, start = time.time(), time.perf_counter()
         answers = asyncio.run(_post_all(self.base, texts, budgets, monitor))
         result = RunResult("aegis_system", len(texts), seconds=time.perf_counter() - start)
         result.batch_size = int(self.env["AEGIS_BATCH_SIZE"])
@@ -349,8 +361,38 @@ class Services:
             result.tokens += min(answer.tokens, budget)
             early += answer.finish_reason != "length"
             retries += answer.retries
-        result.extra = {"stopped_before_max_tokens": early, "retried_429_503": retries}
+        result.extra = {
+            "stopped_before_max_tokens": early,
+            "retried_429_503": retries,
+            "started_at": started_at,
+        }
         return result, answers
+
+
+def request_timeline(database: Path, started_at: float, tokens: int) -> dict[str, Any]:
+    """Where a load's time went, from the worker's request records (wall-clock seconds
+    after the client's first request): when the gateway queued the first and the last
+    request, when the worker began the first, and when it finished the last; the rest of
+    the client's time is the answers' way back. ``server_tokens_per_s`` counts from the
+    first request queued to the last one finished."""
+    with sqlite3.connect(database) as db:
+        row = db.execute(
+            "SELECT COUNT(*), MIN(queued_at), MAX(queued_at), MIN(started_at), "
+            "MAX(finished_at) FROM requests WHERE queued_at >= ?",
+            (started_at,),
+        ).fetchone()
+    count, first_queued, last_queued, first_started, last_finished = row
+    if not count:
+        return {"requests": 0}
+    span = last_finished - first_queued
+    return {
+        "requests": count,
+        "first_queued_s": round(first_queued - started_at, 4),
+        "last_queued_s": round(last_queued - started_at, 4),
+        "first_started_s": round(first_started - started_at, 4),
+        "last_finished_s": round(last_finished - started_at, 4),
+        "server_tokens_per_s": round(tokens / span, 1) if span > 0 else None,
+    }
 
 
 @dataclass

@@ -34,6 +34,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state = GatewayState.open(settings, metrics, shutdown)
         app.state.gateway = state
+        state.start()
         metrics.processes.set(1)
         log.info(
             "gateway on %s:%d, redis %s, prefix %r, queue bound %d, API keys %s",

@@ -142,6 +142,26 @@ class ModelCatalog:
         self._checked_at = 0.0
         self._lock = asyncio.Lock()
 
+    @property
+    def loaded(self) -> ServedModel | None:
+        """The model parsed last, without checking Redis."""
+        return self._model
+
+    async def watch(self, idle_poll_s: float = 0.5) -> None:
+        """Keep the model loaded ahead of requests (run as a task for the app's life).
+
+        Parsing a tokenizer takes ~100 ms, and each gateway process has its own copy: the
+        first requests of a burst would otherwise wait for it. Until a worker publishes
+        a model this polls every ``idle_poll_s``, then every ``refresh_s`` (a digest
+        check; a new model is parsed here, off the request path).
+        """
+        while True:
+            try:
+                await self.current()
+            except Exception as exc:  # Redis away: requests report it; keep watching
+                log.debug("model watch: %s", exc)
+            await asyncio.sleep(idle_poll_s if self._model is None else self.refresh_s)
+
     async def current(self) -> ServedModel | None:
         """The served model, or ``None`` while no worker has published one."""
         if self._model is not None and time.monotonic() - self._checked_at < self.refresh_s:

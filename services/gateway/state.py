@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,6 +53,7 @@ class GatewayState:
     jobs: Queue
     database: DatabaseCheck
     metrics: GatewayMetrics
+    watcher: asyncio.Task[None] | None = None
 
     @classmethod
     def open(
@@ -89,7 +91,14 @@ class GatewayState:
             metrics=metrics,
         )
 
+    def start(self) -> None:
+        """Background work of a running app: the model is loaded before any request."""
+        self.watcher = asyncio.get_running_loop().create_task(self.catalog.watch())
+
     async def close(self) -> None:
+        if self.watcher is not None:
+            self.watcher.cancel()
+            await asyncio.gather(self.watcher, return_exceptions=True)
         await self.generator.settle()
         await self.client.aclose(close_connection_pool=True)
         self.sync_client.close()

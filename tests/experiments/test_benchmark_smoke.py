@@ -226,6 +226,14 @@ def test_system_scenario_through_gateway_and_worker(
     assert system["engine"]["tokens"] == _asked("W1")
     assert system["system"]["tokens"] <= system["engine"]["tokens"]
     assert system["ratio_system_vs_engine"] > 0
+    # The timeline covers the timed requests only (not the warm-up) and is ordered.
+    timeline = system["system"]["extra"]["timeline"]
+    assert timeline["requests"] == 16
+    assert 0 <= timeline["first_queued_s"] <= timeline["last_queued_s"]
+    assert timeline["first_queued_s"] <= timeline["first_started_s"]
+    assert timeline["last_queued_s"] < timeline["last_finished_s"] <= system["system"]["seconds"]
+    assert timeline["server_tokens_per_s"] >= system["system"]["tokens_per_s"]
+    assert "Timeline (s after the first request" in (tmp_path / "results.md").read_text()
     _valid_png(tmp_path / "system.png")
 
 

@@ -13,6 +13,7 @@ import openai
 import pytest
 import redis
 import uvicorn
+from fastapi import FastAPI
 
 from services.gateway.app import create_app
 from services.gateway.config import GatewaySettings
@@ -27,6 +28,7 @@ class RunningGateway:
     settings: GatewaySettings
     url: str
     http: httpx.Client
+    app: FastAPI | None = None  # the running app, for tests that look at its state
 
     def openai(self) -> openai.OpenAI:
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0, timeout=10)
@@ -34,8 +36,9 @@ class RunningGateway:
 
 class _ServerThread:
     def __init__(self, settings: GatewaySettings) -> None:
+        self.app = create_app(settings)
         config = uvicorn.Config(
-            create_app(settings),
+            self.app,
             host=settings.gateway_host,
             port=settings.gateway_port,
             log_level="warning",
@@ -89,7 +92,7 @@ def start_gateway(
         url = f"http://{settings.gateway_host}:{settings.gateway_port}"
         http = httpx.Client(base_url=url, timeout=10)
         running.append((server, http))
-        return RunningGateway(settings, url, http)
+        return RunningGateway(settings, url, http, server.app)
 
     yield start
     for server, http in running:
