@@ -53,6 +53,8 @@ RETRY_STATUS = (429, 503)
 RETRY_DELAY_S = 0.1
 # AEGIS_GATEWAY_PROCESSES of the gateway, unless the scenario's config says otherwise.
 GATEWAY_PROCESSES = 4
+# Set: the system scenario runs its load a second time with the worker under cProfile.
+PROFILE_ENV = "AEGIS_BENCH_PROFILE_WORKER"
 WARM_UP_PER_PROCESS = 4
 
 
@@ -65,6 +67,8 @@ def run(ctx: BenchContext) -> dict[str, Any]:
     # After the services stopped: the worker's record writer has flushed every request.
     system.extra["timeline"] = request_timeline(services.database, system.extra["started_at"],
                                                 system.tokens)  # fmt: skip
+    if os.environ.get(PROFILE_ENV):
+        system.extra["profiled"] = _profiled(ctx, batch, texts, requests)
     with ctx.bar(len(requests), "engine alone") as bar:
         engine, _ = runner(ctx).run(requests, settings(ctx, batch), system="aegis_engine", bar=bar)
     return {
@@ -74,6 +78,18 @@ def run(ctx: BenchContext) -> dict[str, Any]:
         "engine": engine.to_dict(),
         "ratio_system_vs_engine": ratio(system.tokens_per_s, engine.tokens_per_s),
     }
+
+
+def _profiled(
+    ctx: BenchContext, batch: int, texts: list[str], requests: list[GenerationRequest]
+) -> dict[str, Any]:
+    """The same load again with the worker under cProfile (its main thread: the serving
+    loop), after the timed run; ``logs-profiled/worker.prof`` shows where its time went.
+    Profiling slows Python code, so these figures are not comparable with the timed run."""
+    with Services(ctx, batch, logs="logs-profiled", profile_workers=True) as services:
+        result = services.fire(texts, requests)
+    return {"seconds": round(result.seconds, 3), "tokens_per_s": round(result.tokens_per_s, 1),
+            "profile": str(services.logs / "worker.prof")}  # fmt: skip
 
 
 def _prompts(ctx: BenchContext, workload: str) -> tuple[list[str], list[GenerationRequest]]:
@@ -133,6 +149,7 @@ class Services:
         env: Mapping[str, str] | None = None,
         logs: str = "logs",
         stagger: bool = False,
+        profile_workers: bool = False,
     ) -> None:
         self.ctx = ctx
         self.prefix = f"bench-{uuid.uuid4().hex[:8]}"
@@ -146,6 +163,7 @@ class Services:
         envs = [{} for _ in range(workers)] if isinstance(workers, int) else list(workers)
         self.initial = [("worker" if workers == 1 else None, extra) for extra in envs]
         self.stagger = stagger
+        self.profile_workers = profile_workers
         self.redis: subprocess.Popen[bytes] | None = None
         self.children: dict[str, subprocess.Popen[bytes]] = {}
         self.log_files: list[IO[bytes]] = []
@@ -210,12 +228,15 @@ class Services:
             _stop(self.redis)
             self.redis = None
 
-    def _start(self, name: str, module: str, env: Mapping[str, str]) -> None:
+    def _start(
+        self, name: str, module: str, env: Mapping[str, str], profile: Path | None = None
+    ) -> None:
         log_file = (self.logs / f"{name}.log").open("wb")
         self.log_files.append(log_file)
         self._started_at[name] = time.monotonic()
+        profiler = ["-m", "cProfile", "-o", str(profile)] if profile is not None else []
         self.children[name] = subprocess.Popen(
-            [sys.executable, "-m", module],
+            [sys.executable, *profiler, "-m", module],
             cwd=ROOT,
             env=dict(env),
             stdout=log_file,
@@ -243,7 +264,8 @@ class Services:
             "AEGIS_WORKER_METRICS_PORT": str(_free_port()),
             **self.worker_env[name],
         }
-        self._start(name, "services.worker", env)
+        profile = self.logs / f"{name}.prof" if self.profile_workers else None
+        self._start(name, "services.worker", env, profile)
         if wait:
             self.wait_workers()
         return name

@@ -3,7 +3,8 @@
 # preinstalled, no network). Pure-Python wheels the image lacks travel in .whl/ and a
 # Redis server in .device/redis/ (see scripts/device/README.md).
 #   bash scripts/device/gpu_suite.sh tests|SCENARIOS [extra benchmark args...]
-# Results: results/gpu/ (results.json, results.md, PNGs), copied to $OUT when set.
+# Results: results/gpu/; results.json, results.md and gpu.tgz (everything there: PNGs,
+# the services' logs, profiles) go to $OUT (a run brings back at most 8 files).
 set -uo pipefail
 source "$(dirname "$0")/setup.sh"
 mkdir -p "$OUT" results/gpu
@@ -17,5 +18,6 @@ fi
 timeout -s INT "${BENCH_TIMEOUT:-3600}" python3 -m experiments.benchmark --scenario "$what" --scale full --device cuda \
   --out results/gpu --no-progress "$@"
 rc=$?
-cp results/gpu/*.json results/gpu/*.md results/gpu/*.png "$OUT/" 2>/dev/null
+cp results/gpu/*.json results/gpu/*.md "$OUT/" 2>/dev/null
+tar czf "$OUT/gpu.tgz" --exclude='*.db' --exclude='system-data' -C results gpu
 exit $rc

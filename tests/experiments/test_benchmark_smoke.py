@@ -8,6 +8,7 @@ scaleout and colocated scenarios (a gateway and two workers).
 from __future__ import annotations
 
 import json
+import pstats
 from pathlib import Path
 from typing import Any
 
@@ -214,8 +215,9 @@ def test_bad_arguments_exit_2(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_system_scenario_through_gateway_and_worker(
-    aegis_env: dict[str, str], tmp_path: Path
+    aegis_env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setenv("AEGIS_BENCH_PROFILE_WORKER", "1")
     assert main(["--scenario", "system", "--out", str(tmp_path), *ARGS]) == 0
     system = json.loads((tmp_path / "results.json").read_text())["scenarios"]["system"]
     assert "error" not in system, system
@@ -234,6 +236,11 @@ def test_system_scenario_through_gateway_and_worker(
     assert timeline["last_queued_s"] < timeline["last_finished_s"] <= system["system"]["seconds"]
     assert timeline["server_tokens_per_s"] >= system["system"]["tokens_per_s"]
     assert "Timeline (s after the first request" in (tmp_path / "results.md").read_text()
+    # The profiled second pass: its worker's serving loop is in the profile.
+    profiled = system["system"]["extra"]["profiled"]
+    assert profiled["tokens_per_s"] > 0
+    stats = pstats.Stats(profiled["profile"])
+    assert any(name == "iterate" for _, _, name in stats.stats)  # type: ignore[attr-defined]
     _valid_png(tmp_path / "system.png")
 
 
