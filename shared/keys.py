@@ -34,6 +34,12 @@ class Keys:
         """Set (with a TTL) when a request's client left or its deadline passed."""
         return f"{self.prefix}:cancel:{request_id}"
 
+    @property
+    def cancels(self) -> str:
+        """A counter raised with every batch of cancel keys: workers re-read those of
+        their running requests only when it moved (not every step)."""
+        return f"{self.prefix}:cancels"
+
     def idempotency(self, scope: str) -> str:
         """An ``Idempotency-Key``'s record (the first run's requests, then its results)."""
         return f"{self.prefix}:idempotency:{scope}"

@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
 import redis
 import redis.asyncio as aioredis
 
+import shared.queue as queue_module
 from shared.keys import Keys
 from shared.queue import RESULT_MAXLEN, RESULT_READ_TTL_S, GatewayQueue, QueueFull, WorkerQueue
 from shared.schemas import (
@@ -203,6 +205,37 @@ def test_cancel_keys_are_seen_by_the_worker_in_one_call(
     asyncio.run(scenario())
     assert worker.cancelled(["a", "b", "c"]) == {"a", "c"}
     assert 0 < redis_client.ttl(keys.cancel("a")) <= 30
+
+
+def _cancel(redis_url: str, keys: Keys, request_ids: list[str]) -> None:
+    async def scenario() -> None:
+        client, gateway = _gateway_queue(redis_url, keys, max_depth=10)
+        await gateway.request_cancel(request_ids)
+        await client.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_a_cancel_of_a_request_already_checked_is_seen_at_the_next_step(
+    redis_client: redis.Redis, keys: Keys, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker reads only new ids' keys while the cancels counter stands still; the
+    gateway's counter makes it read them all again."""
+    monkeypatch.setattr(queue_module, "CANCEL_RECHECK_S", 3600.0)  # the counter alone
+    worker = WorkerQueue(redis_client, keys, "w")
+    assert worker.cancelled(["a", "b"]) == set()
+    assert worker.cancelled(["a", "b"]) == set()
+    _cancel(redis_url, keys, ["b"])
+    assert worker.cancelled(["a", "b", "c"]) == {"b"}
+    # A key set behind the counter's back is not read again for a checked id...
+    redis_client.set(keys.cancel("a"), "1")
+    assert worker.cancelled(["a", "b"]) == {"b"}
+    # ...but a new id's key is, whatever the counter says.
+    redis_client.set(keys.cancel("d"), "1")
+    assert worker.cancelled(["a", "d"]) == {"d"}
+    # And every key is read again once CANCEL_RECHECK_S has passed.
+    monkeypatch.setattr(queue_module, "CANCEL_RECHECK_S", 0.0)
+    assert worker.cancelled(["a", "d"]) == {"a", "d"}
 
 
 def test_a_dead_letter_answers_once_records_and_acks(redis_client: redis.Redis, keys: Keys) -> None:

@@ -28,9 +28,10 @@ from typing import Any
 import torch
 
 from experiments import workloads
+from experiments.client import Answer, Monitor, Progress
 from experiments.context import BenchContext
 from experiments.measure import RunResult
-from experiments.scenarios.system import Answer, Monitor, Progress, Services, _text_of
+from experiments.scenarios.system import Services, _text_of
 from shared.keys import WORKER_GROUP
 from shared.queue import FIELD
 from shared.replies import as_text

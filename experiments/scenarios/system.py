@@ -3,8 +3,9 @@
 Starts Redis (when none answers; a carried ``.device/redis/redis-server`` is found),
 the gateway (``python -m services.gateway``) and one worker (``python -m
 services.worker``) as processes with their own key prefix, port and SQLite file, then
-fires every request at once at ``/v1/completions`` (httpx, async) and waits for all
-answers. The engine alone then runs the same token ids at the same batch size with the
+fires every request at once at ``/v1/completions`` from several client processes
+(:mod:`experiments.client`: keep-alive connections opened before the clock starts) and
+waits for all answers. The engine alone then runs the same token ids at the same batch size with the
 worker's look-ahead, in this process. The ratio shows the system's overhead (HTTP,
 tokenizing, Redis streams, result delivery, records).
 
@@ -19,8 +20,6 @@ as a client would; the retries are counted.
 from __future__ import annotations
 
 import asyncio
-import itertools
-import json
 import logging
 import os
 import signal
@@ -30,13 +29,12 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Coroutine, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
+from experiments.client import Answer, Monitor, post_all
 from experiments.context import BenchContext
-from experiments.loadtest import Connection
 from experiments.measure import ROOT, RunResult
 from experiments.scenarios.common import ratio, runner, settings
 from shared.config import CommonSettings
@@ -48,11 +46,10 @@ log = logging.getLogger(__name__)
 
 CARRIED_REDIS = ROOT / ".device" / "redis"
 READY_TIMEOUT_S = 300.0
-REQUEST_TIMEOUT_S = 900.0
-RETRY_STATUS = (429, 503)
-RETRY_DELAY_S = 0.1
 # AEGIS_GATEWAY_PROCESSES of the gateway, unless the scenario's config says otherwise.
 GATEWAY_PROCESSES = 4
+# Load client processes (experiments.client), unless the scenario's config says otherwise.
+CLIENT_PROCESSES = 4
 # Set: the system scenario runs its load a second time with the worker under cProfile.
 PROFILE_ENV = "AEGIS_BENCH_PROFILE_WORKER"
 WARM_UP_PER_PROCESS = 4
@@ -164,6 +161,7 @@ class Services:
         self.initial = [("worker" if workers == 1 else None, extra) for extra in envs]
         self.stagger = stagger
         self.profile_workers = profile_workers
+        self.client_processes = int(ctx.config("system").get("client_processes", CLIENT_PROCESSES))
         self.redis: subprocess.Popen[bytes] | None = None
         self.children: dict[str, subprocess.Popen[bytes]] = {}
         self.log_files: list[IO[bytes]] = []
@@ -364,15 +362,15 @@ class Services:
 
     def warm_up(self, count: int = 1) -> None:
         """``count`` short requests at once, not timed (more than one: some for each worker)."""
-        asyncio.run(_post_all(self.base, ["warm up"] * count, [2] * count))
+        asyncio.run(post_all(self.port, ["warm up"] * count, [2] * count, self.client_processes))
 
     def load(
         self, texts: list[str], budgets: list[int], monitor: Monitor | None = None
     ) -> tuple[RunResult, list[Answer | None]]:
         """Every prompt at once, ``monitor`` running beside; the figures and each answer."""
-        started_at, start = time.time(), time.perf_counter()
-        answers = asyncio.run(_post_all(self.base, texts, budgets, monitor))
-        result = RunResult("aegis_system", len(texts), seconds=time.perf_counter() - start)
+        load = asyncio.run(post_all(self.port, texts, budgets, self.client_processes, monitor))
+        answers = load.answers
+        result = RunResult("aegis_system", len(texts), seconds=load.end - load.start)
         result.batch_size = int(self.env["AEGIS_BATCH_SIZE"])
         early = retries = 0
         for answer, budget in zip(answers, budgets, strict=True):
@@ -386,7 +384,8 @@ class Services:
         result.extra = {
             "stopped_before_max_tokens": early,
             "retried_429_503": retries,
-            "started_at": started_at,
+            "started_at": load.started_at,
+            "client_processes": self.client_processes,
         }
         return result, answers
 
@@ -415,87 +414,6 @@ def request_timeline(database: Path, started_at: float, tokens: int) -> dict[str
         "last_finished_s": round(last_finished - started_at, 4),
         "server_tokens_per_s": round(tokens / span, 1) if span > 0 else None,
     }
-
-
-@dataclass
-class Answer:
-    """One completion as the client saw it: which request it was and which worker
-    answered (the response's ``aegis`` field), and when it arrived (perf_counter)."""
-
-    tokens: int
-    finish_reason: str
-    retries: int
-    request_id: str = ""
-    worker_id: str = ""
-    at: float = 0.0
-
-
-@dataclass
-class Progress:
-    """How far a load has got; a monitor running beside it reads this."""
-
-    total: int
-    start: float
-    done: int = 0  # answered or failed
-    answered: int = 0
-
-
-Monitor = Callable[[Progress], Coroutine[Any, Any, object]]
-
-
-async def _post_all(
-    base: str, texts: list[str], budgets: list[int], monitor: Monitor | None = None
-) -> list[Answer | None]:
-    """Every completion at once, one keep-alive connection each (the load test's client:
-    httpx's async pool, not the gateway, was the bottleneck at this concurrency)."""
-    port = int(base.rsplit(":", 1)[1].split("/")[0])
-    progress = Progress(len(texts), time.perf_counter())
-
-    async def one(text: str, budget: int) -> Answer | None:
-        answer = await _post(Connection(port), text, budget)
-        progress.done += 1
-        progress.answered += answer is not None
-        return answer
-
-    watch: asyncio.Task[object] | None = None
-    if monitor is not None:
-        watch = asyncio.create_task(monitor(progress))
-    answers = list(await asyncio.gather(*(one(t, b) for t, b in zip(texts, budgets, strict=True))))
-    if watch is not None:
-        await watch
-    return answers
-
-
-async def _post(connection: Connection, text: str, budget: int) -> Answer | None:
-    """One completion; a 429/503 (queue full, Redis busy) is retried as a client would."""
-    body = {"model": "bench", "prompt": text, "max_tokens": budget, "temperature": 0}
-    body["ignore_eos"] = True  # dropped by today's gateway (no such field): see module doc
-    payload = json.dumps(body).encode()
-    deadline = time.monotonic() + REQUEST_TIMEOUT_S
-    try:
-        for retry in itertools.count():
-            try:
-                status, _, content = await connection.post("/v1/completions", payload)
-            except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
-                log.warning("request failed: %s", exc)
-                return None
-            if status in RETRY_STATUS and time.monotonic() < deadline:
-                await asyncio.sleep(RETRY_DELAY_S)
-                continue
-            if status != 200:
-                log.warning("request answered %d: %s", status, content[:200])
-                return None
-            data = json.loads(content)
-            usage, choice = data["usage"], data["choices"][0]
-            where = ((data.get("aegis") or {}).get("results") or [{}])[0]
-            return Answer(
-                int(usage["completion_tokens"]), str(choice["finish_reason"]), retry,
-                str(where.get("request_id", "")), str(where.get("worker_id", "")),
-                time.perf_counter(),
-            )  # fmt: skip
-        return None
-    finally:
-        await connection.close()
 
 
 def _stop(process: subprocess.Popen[bytes], timeout_s: float = 30.0) -> None:
