@@ -387,8 +387,18 @@ def _system_md(d: dict[str, Any]) -> list[str]:
         f"completions that stopped before max_tokens: {note}; "
         f"client retries after 429/503: {extra.get('retried_429_503', 0)}.",
         "",
+        *_runs_md(d),
         *_timeline_md(extra.get("timeline")),
     ]
+
+
+def _runs_md(d: dict[str, Any]) -> list[str]:
+    """Each repeat's tokens/s when the scenario ran more than once (the median is shown)."""
+    runs = {key: d[key]["extra"].get("runs_tokens_per_s") or [] for key in ("system", "engine")}
+    if len(runs["system"]) < 2:
+        return []
+    listed = "; ".join(f"{key}: {', '.join(fmt(v) for v in values)}" for key, values in runs.items())
+    return [f"Median of {len(runs['system'])} runs each (tok/s of every run: {listed}).", ""]
 
 
 def _timeline_md(timeline: dict[str, Any] | None) -> list[str]:

@@ -229,6 +229,8 @@ def test_system_scenario_through_gateway_and_worker(
     assert system["system"]["tokens"] <= system["engine"]["tokens"]
     assert system["ratio_system_vs_engine"] > 0
     # The timeline covers the timed requests only (not the warm-up) and is ordered.
+    assert len(system["system"]["extra"]["runs_tokens_per_s"]) == 2  # the tiny config's repeats
+    assert len(system["engine"]["extra"]["runs_tokens_per_s"]) == 2
     timeline = system["system"]["extra"]["timeline"]
     assert timeline["requests"] == 16
     assert 0 <= timeline["first_queued_s"] <= timeline["last_queued_s"]
