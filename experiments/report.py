@@ -397,7 +397,7 @@ def _runs_md(d: dict[str, Any]) -> list[str]:
     runs = {key: d[key]["extra"].get("runs_tokens_per_s") or [] for key in ("system", "engine")}
     if len(runs["system"]) < 2:
         return []
-    listed = "; ".join(f"{key}: {', '.join(fmt(v) for v in values)}" for key, values in runs.items())
+    listed = "; ".join(f"{key}: {', '.join(fmt(v) for v in vs)}" for key, vs in runs.items())
     return [f"Median of {len(runs['system'])} runs each (tok/s of every run: {listed}).", ""]
 
 
