@@ -253,12 +253,15 @@ class Worker:
         self.metrics.cycle(cycle)
         publish_event(self.client, self.keys, cycle, self.settings.events_maxlen)
         self.writer.submit(cycle)
+        # The share of the window spent in engine steps: the rest is this shell's I/O
+        # (Redis, records) and waiting for requests.
+        busy = cycle.steps * (cycle.step_time_mean_s or 0.0) / max(cycle.latency_s, 1e-9)
         log.info(
-            "cycle %d: %d steps, %d tok = %.1f tok/s, running %d (max %d), waiting %d, "
-            "KV %.0f%%, %d preempted, %s, v%d%s",
-            self.cycles, cycle.steps, cycle.tokens_generated, cycle.tokens_per_s, cycle.running,
-            cycle.batch_size, cycle.waiting, 100 * cycle.kv_usage, cycle.preemptions,
-            cycle.precision, cycle.settings_version,
+            "cycle %d: %d steps, %d tok = %.1f tok/s, engine busy %.0f%%, running %d (max %d), "
+            "waiting %d, KV %.0f%%, %d preempted, %s, v%d%s",
+            self.cycles, cycle.steps, cycle.tokens_generated, cycle.tokens_per_s, 100 * busy,
+            cycle.running, cycle.batch_size, cycle.waiting, 100 * cycle.kv_usage,
+            cycle.preemptions, cycle.precision, cycle.settings_version,
             f", {cycle.oom_events} OOM" if cycle.oom_events else "",
         )  # fmt: skip
 

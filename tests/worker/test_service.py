@@ -4,6 +4,8 @@ cancellation and dead letters."""
 
 from __future__ import annotations
 
+import logging
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -278,3 +280,15 @@ def test_a_redis_error_is_retried_without_losing_the_running_requests(
         worker._iterate()
     results = [WorkerQueue(redis_client, keys, "c").wait_result(i, timeout_s=1) for i in ids]
     assert all(r is not None and r.completion_tokens == 12 for r in results)
+
+
+def test_each_cycle_logs_how_busy_the_engine_was(
+    make_worker, redis_client, keys, caplog: pytest.LogCaptureFixture
+) -> None:
+    worker, _ = make_worker()
+    ids = _submit(redis_client, keys, 2, max_tokens=4)
+    with caplog.at_level(logging.INFO, logger="services.worker.service"):
+        run_until(worker, answered(redis_client, keys, ids))
+        worker.loop.flush()
+    shares = [int(m) for m in re.findall(r"engine busy (\d+)%", caplog.text)]
+    assert shares and all(0 < share <= 100 for share in shares), caplog.text
