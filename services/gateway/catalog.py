@@ -141,6 +141,7 @@ class ModelCatalog:
         self._failed_digest: str | None = None
         self._checked_at = 0.0
         self._lock = asyncio.Lock()
+        self._stopping = False
 
     @property
     def loaded(self) -> ServedModel | None:
@@ -155,12 +156,19 @@ class ModelCatalog:
         a model this polls every ``idle_poll_s``, then every ``refresh_s`` (a digest
         check; a new model is parsed here, off the request path).
         """
-        while True:
+        # A flag, not only a cancel: redis-py can swallow a cancel that lands mid-command,
+        # and the app's shutdown waits for this task.
+        while not self._stopping:
             try:
                 await self.current()
             except Exception as exc:  # Redis away: requests report it; keep watching
                 log.debug("model watch: %s", exc)
-            await asyncio.sleep(idle_poll_s if self._model is None else self.refresh_s)
+            if not self._stopping:
+                await asyncio.sleep(idle_poll_s if self._model is None else self.refresh_s)
+
+    def stop_watching(self) -> None:
+        """End :meth:`watch` at its next turn (cancel its task too, to cut a sleep)."""
+        self._stopping = True
 
     async def current(self) -> ServedModel | None:
         """The served model, or ``None`` while no worker has published one."""

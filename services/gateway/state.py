@@ -38,6 +38,10 @@ def connection_kwargs() -> dict[str, Any]:
     return {"protocol": 2, "driver_info": None}
 
 
+# How long a stopping app waits for the model watcher to end (it is cancelled first).
+WATCHER_STOP_S = 2.0
+
+
 @dataclass
 class GatewayState:
     """Clients and caches shared by every request of one app."""
@@ -97,8 +101,9 @@ class GatewayState:
 
     async def close(self) -> None:
         if self.watcher is not None:
+            self.catalog.stop_watching()
             self.watcher.cancel()
-            await asyncio.gather(self.watcher, return_exceptions=True)
+            await asyncio.wait({self.watcher}, timeout=WATCHER_STOP_S)
         await self.generator.settle()
         await self.client.aclose(close_connection_pool=True)
         self.sync_client.close()
