@@ -72,7 +72,7 @@ class Load:
     answers: list[Answer | None]
     start: float  # perf_counter when the clients were told to go
     started_at: float  # the same instant, wall clock (as the services record times)
-    end: float  # perf_counter of the last answer
+    end: float  # perf_counter when the last answer arrived
 
 
 async def post_all(
@@ -98,7 +98,10 @@ async def post_all(
         watch = asyncio.create_task(monitor(progress)) if monitor is not None else None
         answers: list[Answer | None] = [None] * len(jobs)
         await asyncio.gather(*(_collect(c, answers, progress) for c in children))
-        end = time.perf_counter()
+        # When the last answer arrived (its client's clock: perf_counter is the host's
+        # monotonic clock in every process), not when the clients' pipes closed, which
+        # adds their interpreters' shutdown.
+        end = max((a.at for a in answers if a is not None), default=time.perf_counter())
         if watch is not None:
             await watch
         return Load(answers, start, started_at, end)
