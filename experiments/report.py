@@ -389,6 +389,7 @@ def _system_md(d: dict[str, Any]) -> list[str]:
         "",
         *_runs_md(d),
         *_timeline_md(extra.get("timeline")),
+        *_gateways_md(d),
     ]
 
 
@@ -399,6 +400,17 @@ def _runs_md(d: dict[str, Any]) -> list[str]:
         return []
     listed = "; ".join(f"{key}: {', '.join(fmt(v) for v in vs)}" for key, vs in runs.items())
     return [f"Median of {len(runs['system'])} runs each (tok/s of every run: {listed}).", ""]
+
+
+def _gateways_md(d: dict[str, Any]) -> list[str]:
+    """The same load with other gateway process counts (median tok/s, ratio to the engine)."""
+    points = d.get("more_gateway_processes") or []
+    if not points:
+        return []
+    first = f"{d.get('gateway_processes', '?')} processes {fmt(d['system']['tokens_per_s'])}"
+    others = [f"{p['processes']} processes {fmt(p['tokens_per_s'])} tok/s "
+              f"({fmt(p['ratio_system_vs_engine'], 3)})" for p in points]  # fmt: skip
+    return [f"Gateway processes: {first} tok/s; " + "; ".join(others) + ".", ""]
 
 
 def _timeline_md(timeline: dict[str, Any] | None) -> list[str]:

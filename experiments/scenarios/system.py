@@ -60,13 +60,7 @@ def run(ctx: BenchContext) -> dict[str, Any]:
     batch = int(cfg["batch_size"])
     texts, requests = _prompts(ctx, cfg["workload"])
     repeats = int(cfg.get("repeats", 1))
-    with Services(ctx, batch) as services:
-        systems = [services.fire(texts, requests) for _ in range(repeats)]
-    # After the services stopped: the worker's record writer has flushed every request.
-    for run_ in systems:
-        start = run_.extra["started_at"]
-        run_.extra["timeline"] = request_timeline(services.database, start, run_.tokens,
-                                                  until=start + run_.seconds)  # fmt: skip
+    systems = _system_runs(ctx, batch, texts, requests, repeats)
     engines = []
     for _ in range(repeats):
         with ctx.bar(len(requests), "engine alone") as bar:
@@ -76,12 +70,52 @@ def run(ctx: BenchContext) -> dict[str, Any]:
     system, engine = _median(systems), _median(engines)
     if os.environ.get(PROFILE_ENV):
         system.extra["profiled"] = _profiled(ctx, batch, texts, requests)
+    other_counts = [int(p) for p in cfg.get("more_gateway_processes", [])]
+    gateways = []
+    for count in other_counts:
+        runs = _system_runs(ctx, batch, texts, requests, repeats, count)
+        gateways.append(_gateway_point(_median(runs), count, engine))
     return {
         "workload": cfg["workload"],
         "config": cfg,
         "system": system.to_dict(),
         "engine": engine.to_dict(),
         "ratio_system_vs_engine": ratio(system.tokens_per_s, engine.tokens_per_s),
+        "gateway_processes": int(cfg.get("gateway_processes", GATEWAY_PROCESSES)),
+        "more_gateway_processes": gateways,
+    }
+
+
+def _system_runs(
+    ctx: BenchContext,
+    batch: int,
+    texts: list[str],
+    requests: list[GenerationRequest],
+    repeats: int,
+    gateway_processes: int | None = None,
+) -> list[RunResult]:
+    """``repeats`` runs of the load through one set of services, each with its timeline."""
+    env = {} if gateway_processes is None else {"AEGIS_GATEWAY_PROCESSES": str(gateway_processes)}
+    logs = "logs" if gateway_processes is None else f"logs-gateway-{gateway_processes}"
+    with Services(ctx, batch, env=env, logs=logs) as services:
+        runs = [services.fire(texts, requests) for _ in range(repeats)]
+    # After the services stopped: the worker's record writer has flushed every request.
+    for run_ in runs:
+        start = run_.extra["started_at"]
+        run_.extra["timeline"] = request_timeline(services.database, start, run_.tokens,
+                                                  until=start + run_.seconds)  # fmt: skip
+    return runs
+
+
+def _gateway_point(run_: RunResult, processes: int, engine: RunResult) -> dict[str, Any]:
+    """The system with another gateway process count, against the same engine figure."""
+    return {
+        "processes": processes,
+        "tokens_per_s": round(run_.tokens_per_s, 1),
+        "runs_tokens_per_s": run_.extra["runs_tokens_per_s"],
+        "ratio_system_vs_engine": ratio(run_.tokens_per_s, engine.tokens_per_s),
+        "failed": run_.failed,
+        "timeline": run_.extra["timeline"],
     }
 
 

@@ -238,6 +238,11 @@ def test_system_scenario_through_gateway_and_worker(
     assert timeline["last_queued_s"] < timeline["last_finished_s"] <= system["system"]["seconds"]
     assert timeline["server_tokens_per_s"] >= system["system"]["tokens_per_s"]
     assert "Timeline (s after the first request" in (tmp_path / "results.md").read_text()
+    # The same load through a gateway of another process count (1 in the tiny config).
+    [point] = system["more_gateway_processes"]
+    assert point["processes"] == 1 and point["failed"] == 0
+    assert point["timeline"]["requests"] == 16 and point["ratio_system_vs_engine"] > 0
+    assert "Gateway processes: 2 processes" in (tmp_path / "results.md").read_text()
     # The profiled second pass: its worker's serving loop is in the profile.
     profiled = system["system"]["extra"]["profiled"]
     assert profiled["tokens_per_s"] > 0
