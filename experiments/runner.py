@@ -227,6 +227,9 @@ class AegisRunner:
         serving = ServingLoop(self.core, io, self.record_interval_s)
         self.loop_requests = serving.requests
         preempted = self.core.stats().preemptions
+        # The run's settings and their graphs before the clock, as a worker starts: a
+        # pool resized here used to re-capture its graphs inside the timed run.
+        serving.prepare()
         sync(self.device)
         io.start, io.wall_start = time.perf_counter(), now()
         while io.pending or self.core.has_work:

@@ -91,6 +91,14 @@ class ServingLoop:
         self.requests: dict[str, GenerationRequest] = {}
         self.precision_saved_bytes: int | None = None
 
+    def prepare(self) -> int:
+        """Apply the settings in force and capture the decode graphs they need, before
+        serving: a pool resized by them (an agent's budget kept across a restart, a
+        benchmark's static configuration) would otherwise drop its graphs in the first
+        step and re-capture them while requests wait. Returns the graphs captured."""
+        self._apply(self.io.current_settings())
+        return self.core.warm_up()
+
     def iterate(self, accept: bool = True) -> StepOutput | None:
         """One iteration; None when there was nothing to run. ``accept=False`` drains."""
         self._apply(self.io.current_settings())

@@ -94,6 +94,9 @@ class Worker:
         self._stop.set()
 
     def run(self) -> None:
+        captured = self.loop.prepare()
+        if captured:
+            log.info("captured %d decode graphs for the settings in force", captured)
         self.announce()
         beat = threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True)
         beat.start()

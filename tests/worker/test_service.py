@@ -292,3 +292,21 @@ def test_each_cycle_logs_how_busy_the_engine_was(
         worker.loop.flush()
     shares = [int(m) for m in re.findall(r"engine busy (\d+)%", caplog.text)]
     assert shares and all(0 < share <= 100 for share in shares), caplog.text
+
+
+def test_settings_kept_from_before_a_restart_apply_before_serving(
+    make_worker, redis_client, keys
+) -> None:
+    """An agent's settings in Redis (kept across a worker's restart) are applied, and
+    their graphs captured, before the worker announces itself: not in its first step."""
+    ControlStore(redis_client, keys).write(
+        "w-unit",
+        ControlSettings(batch_size=3, max_seq_len=64, precision="fp32", kv_budget_bytes=1 << 19),
+    )
+    worker, _ = make_worker()
+    assert worker.core.limits.max_num_seqs == 4  # the worker's own start-up setting
+    worker.stop()  # run() then prepares and announces, and serves nothing
+    worker.run()
+    assert worker.core.limits.max_num_seqs == 3 and worker.core.limits.max_seq_len == 64
+    assert worker.core.stats().kv_bytes <= 1 << 19
+    assert worker.loop.applied.batch_size == 3 and worker.core.steps == 0
