@@ -126,8 +126,12 @@ def _bursty_md(d: dict[str, Any]) -> list[str]:
 def _goodput_md(d: dict[str, Any]) -> list[str]:
     cfg = d["config"]
     phases = ", ".join(f"{p['rate']}/s for {p['seconds']} s" for p in cfg["phases"])
+    warm = (f", after an untimed pass of the same arrivals ({fmt(d['warm_up_s'])} s)"
+            if d.get("warm_up_s") else " (no untimed pass first: the run without a target "
+            "came first)")  # fmt: skip
     lines = [f"{d['requests']} requests arriving at {phases}; AEGIS adaptive without a "
-             f"time-to-first-token target and with {cfg['ttft_target_ms']} ms.", ""]  # fmt: skip
+             f"time-to-first-token target and with {cfg['ttft_target_ms']} ms{warm}.",
+             ""]  # fmt: skip
     keys = ["tokens_per_s", "completed", "ttft_p50_s", "ttft_p95_s", "ttft_p99_s",
             "e2e_p50_s", "e2e_p99_s"]  # fmt: skip
     runs = [("no target", d["no_target"]), (f"target {cfg['ttft_target_ms']} ms", d["target"])]

@@ -179,6 +179,7 @@ def test_goodput_target_moves_the_agent_and_loses_nothing(
     assert any("TTFT p95" in d["summary"] for d in target["decisions"])
     assert not any("TTFT" in d["summary"] for d in free["decisions"])
     assert goodput["ratio_tokens_per_s"] > 0
+    assert goodput["warm_up_s"] > 0  # an untimed pass of the same arrivals came first
 
 
 def test_bursty_arrivals_are_served_as_they_come(core: tuple[Path, dict[str, Any]]) -> None:
