@@ -97,11 +97,9 @@ class BenchContext:
                 ignore_eos=True,
                 decode_steps=DECODE_STEPS,
             )
+            # Its decode graphs are captured by each run before its clock starts
+            # (AegisRunner.run -> ServingLoop.prepare), for that run's settings.
             self._core = EngineCore(self.model(), config)
-            # As the worker does before it announces its model: no timed run pays for
-            # capturing a decode graph (a resize drops them; those are captured again
-            # inside the runs, as in the worker).
-            self._core.warm_up()
         return self._core
 
     def vocab_size(self) -> int:

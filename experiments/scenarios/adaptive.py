@@ -72,13 +72,11 @@ def _adaptive(ctx: BenchContext, phases: list, default: int) -> dict[str, Any]:
     aegis = runner(ctx)
     pool = idle_card_pool(aegis.core)
     if pool is not None:
-        # As a deployed worker starts: its pool sized to the card (which the agent keeps)
-        # and its graphs captured, before any request. The static runs keep the
-        # benchmark's smaller pool: W2 needs a few GiB, so the size changes nothing there.
-        start = loop.state.settings.model_copy(update={"kv_budget_bytes": pool})
-        aegis.core.apply(start)
-        aegis.core.warm_up()
-        loop.state.settings = start
+        # As a deployed worker starts: its pool sized to the card (which the agent keeps);
+        # the first run applies it and captures its graphs before its clock. The static
+        # runs keep the benchmark's smaller pool: W2 needs a few GiB, so the size changes
+        # nothing there.
+        loop.state.settings = loop.state.settings.model_copy(update={"kv_budget_bytes": pool})
     results, cycles, offset = [], [], 0.0
     for phase, requests in phases:
         first_decision = len(loop.decisions)

@@ -5,8 +5,8 @@ the gateway (``python -m services.gateway``) and one worker (``python -m
 services.worker``) as processes with their own key prefix, port and SQLite file, then
 fires every request at once at ``/v1/completions`` from several client processes
 (:mod:`experiments.client`: keep-alive connections opened before the clock starts) and
-waits for all answers. The engine alone then runs the same token ids at the same batch size with the
-worker's look-ahead, in this process. The ratio shows the system's overhead (HTTP,
+waits for all answers. The engine alone then runs the same token ids at the same batch
+size with the worker's look-ahead, in this process. The ratio shows the system's overhead (HTTP,
 tokenizing, Redis streams, result delivery, records).
 
 Prompts travel as text: each request's random ids are decoded, and the engine alone is
@@ -93,11 +93,14 @@ def _system_runs(
     requests: list[GenerationRequest],
     repeats: int,
     gateway_processes: int | None = None,
+    profile: bool = False,
 ) -> list[RunResult]:
-    """``repeats`` runs of the load through one set of services, each with its timeline."""
+    """``repeats`` runs of the load through one set of services, each with its timeline;
+    with ``profile`` the worker runs under cProfile (``logs-profiled/worker.prof``)."""
     env = {} if gateway_processes is None else {"AEGIS_GATEWAY_PROCESSES": str(gateway_processes)}
     logs = "logs" if gateway_processes is None else f"logs-gateway-{gateway_processes}"
-    with Services(ctx, batch, env=env, logs=logs) as services:
+    logs = "logs-profiled" if profile else logs
+    with Services(ctx, batch, env=env, logs=logs, profile_workers=profile) as services:
         runs = [services.fire(texts, requests) for _ in range(repeats)]
     # After the services stopped: the worker's record writer has flushed every request.
     for run_ in runs:
@@ -135,10 +138,9 @@ def _profiled(
     """The same load again with the worker under cProfile (its main thread: the serving
     loop), after the timed run; ``logs-profiled/worker.prof`` shows where its time went.
     Profiling slows Python code, so these figures are not comparable with the timed run."""
-    with Services(ctx, batch, logs="logs-profiled", profile_workers=True) as services:
-        result = services.fire(texts, requests)
+    [result] = _system_runs(ctx, batch, texts, requests, 1, profile=True)
     return {"seconds": round(result.seconds, 3), "tokens_per_s": round(result.tokens_per_s, 1),
-            "profile": str(services.logs / "worker.prof")}  # fmt: skip
+            "profile": str(ctx.out / "logs-profiled" / "worker.prof")}  # fmt: skip
 
 
 def _prompts(ctx: BenchContext, workload: str) -> tuple[list[str], list[GenerationRequest]]:

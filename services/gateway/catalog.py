@@ -153,8 +153,9 @@ class ModelCatalog:
 
         Parsing a tokenizer takes ~100 ms, and each gateway process has its own copy: the
         first requests of a burst would otherwise wait for it. Until a worker publishes
-        a model this polls every ``idle_poll_s``, then every ``refresh_s`` (a digest
-        check; a new model is parsed here, off the request path).
+        a model this polls every ``idle_poll_s``, then every half ``refresh_s`` (a
+        digest check; a new model is parsed here), so the copy requests read is never
+        stale and :meth:`current` does no Redis work on the request path.
         """
         # A flag, not only a cancel: redis-py can swallow a cancel that lands mid-command,
         # and the app's shutdown waits for this task.
@@ -164,7 +165,7 @@ class ModelCatalog:
             except Exception as exc:  # Redis away: requests report it; keep watching
                 log.debug("model watch: %s", exc)
             if not self._stopping:
-                await asyncio.sleep(idle_poll_s if self._model is None else self.refresh_s)
+                await asyncio.sleep(idle_poll_s if self._model is None else self.refresh_s / 2)
 
     def stop_watching(self) -> None:
         """End :meth:`watch` at its next turn (cancel its task too, to cut a sleep)."""

@@ -36,11 +36,9 @@ def main() -> int:
         resolve_precision(settings.precision, device),
         allow_synthetic_fallback=settings.allow_synthetic_fallback,
     )
+    # Its decode graphs are captured in Worker.run, for the settings in force, before it
+    # announces the model: a first request never waits for a capture.
     core = build_core(loaded, settings)
-    if settings.cuda_graphs and device.startswith("cuda"):
-        # Capture every decode graph (and compile the attention kernel's variants) before
-        # announcing the model: a first request must never wait for a capture.
-        log.info("captured %d decode graphs", core.warm_up())
     client = redis.Redis.from_url(settings.redis_url)
     # Given a URL, the writer opens the database itself and retries while it is down.
     writer = RecordWriter(

@@ -96,7 +96,7 @@ class Worker:
     def run(self) -> None:
         captured = self.loop.prepare()
         if captured:
-            log.info("captured %d decode graphs for the settings in force", captured)
+            log.info("captured %d decode graphs", captured)
         self.announce()
         beat = threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True)
         beat.start()
