@@ -20,6 +20,7 @@ from shared.schemas import (
     SamplingParams,
     TokenDelta,
 )
+from tests.cancels import cancel_as_the_gateway
 
 
 def _request(i: int) -> GenerationRequest:
@@ -196,24 +197,9 @@ def test_cancel_keys_are_seen_by_the_worker_in_one_call(
 ) -> None:
     worker = WorkerQueue(redis_client, keys, "w")
     assert worker.cancelled([]) == set()
-
-    async def scenario() -> None:
-        client, gateway = _gateway_queue(redis_url, keys, max_depth=10)
-        await gateway.request_cancel(["a", "c"], ttl_s=30)
-        await client.aclose()
-
-    asyncio.run(scenario())
+    cancel_as_the_gateway(redis_url, keys, ["a", "c"], ttl_s=30)
     assert worker.cancelled(["a", "b", "c"]) == {"a", "c"}
     assert 0 < redis_client.ttl(keys.cancel("a")) <= 30
-
-
-def _cancel(redis_url: str, keys: Keys, request_ids: list[str]) -> None:
-    async def scenario() -> None:
-        client, gateway = _gateway_queue(redis_url, keys, max_depth=10)
-        await gateway.request_cancel(request_ids)
-        await client.aclose()
-
-    asyncio.run(scenario())
 
 
 def test_a_cancel_of_a_request_already_checked_is_seen_at_the_next_step(
@@ -225,7 +211,7 @@ def test_a_cancel_of_a_request_already_checked_is_seen_at_the_next_step(
     worker = WorkerQueue(redis_client, keys, "w")
     assert worker.cancelled(["a", "b"]) == set()
     assert worker.cancelled(["a", "b"]) == set()
-    _cancel(redis_url, keys, ["b"])
+    cancel_as_the_gateway(redis_url, keys, ["b"])
     assert worker.cancelled(["a", "b", "c"]) == {"b"}
     # A key set behind the counter's back is not read again for a checked id...
     redis_client.set(keys.cancel("a"), "1")

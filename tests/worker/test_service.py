@@ -20,6 +20,7 @@ from shared.db import RecordWriter, open_records
 from shared.keys import Keys
 from shared.queue import WorkerQueue
 from shared.schemas import ControlSettings, GenerationRequest, GenerationResult, SamplingParams
+from tests.cancels import cancel_as_the_gateway
 
 MAX_ITERATIONS = 2000
 
@@ -207,17 +208,13 @@ def test_an_oom_mid_step_is_recovered_recorded_and_loses_nothing(make_worker, re
     assert kinds.count(b"oom") == len(ooms)
 
 
-def _cancel_as_the_gateway(client: redis.Redis, keys: Keys, request_id: str) -> None:
-    """What ``GatewayQueue.request_cancel`` writes: the key, then the counter."""
-    client.set(keys.cancel(request_id), "1", ex=60)
-    client.incr(keys.cancels)
-
-
-def test_a_cancelled_request_is_aborted_and_recorded(make_worker, redis_client, keys) -> None:
+def test_a_cancelled_request_is_aborted_and_recorded(
+    make_worker, redis_client, keys, redis_url
+) -> None:
     worker, url = make_worker()
     ids = _submit(redis_client, keys, 2, max_tokens=200)
     worker.loop.iterate()
-    _cancel_as_the_gateway(redis_client, keys, "q0")
+    cancel_as_the_gateway(redis_url, keys, ["q0"])
     run_until(worker, answered(redis_client, keys, ["q0"]))
     assert worker.core.stats().running == 1
     result = WorkerQueue(redis_client, keys, "c").wait_result("q0", timeout_s=1)
