@@ -18,6 +18,7 @@ answer (``answer`` null for a failure).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -25,7 +26,7 @@ import logging
 import sys
 import time
 from collections.abc import Callable, Coroutine, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from experiments.loadtest import Connection
@@ -60,6 +61,13 @@ class Progress:
     start: float
     done: int = 0  # answered or failed
     answered: int = 0
+    moved: asyncio.Event = field(default_factory=asyncio.Event)  # set at every answer
+
+    async def next_answer(self, timeout_s: float) -> None:
+        """Wait until another answer is in (or ``timeout_s`` passed)."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.moved.wait(), timeout_s)
+        self.moved.clear()
 
 
 Monitor = Callable[[Progress], Coroutine[Any, Any, object]]
@@ -141,6 +149,7 @@ async def _collect(
         answers[data["i"]] = Answer(**answer) if answer is not None else None
         progress.done += 1
         progress.answered += answer is not None
+        progress.moved.set()
 
 
 # -- the client process ---------------------------------------------------------------------

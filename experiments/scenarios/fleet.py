@@ -108,7 +108,7 @@ class Kill:
             if due and await asyncio.to_thread(pending_of, self.services, self.victim) > 0:
                 await asyncio.to_thread(self._kill, progress)
                 return
-            await asyncio.sleep(KILL_POLL_S)
+            await progress.next_answer(KILL_POLL_S)  # at once when answers come in
         self.note = "not killed: every request was answered before the worker held any"
 
     def _kill(self, progress: Progress) -> None:
