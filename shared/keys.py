@@ -26,6 +26,11 @@ class Keys:
         """Per-request stream of result events (token deltas, then the final result)."""
         return f"{self.prefix}:result:{request_id}"
 
+    def result_wake(self, reader: str) -> str:
+        """A gateway reader's own stream: an entry wakes its blocking read of the result
+        streams so that it reads the streams of requests that arrived since."""
+        return f"{self.prefix}:result-wake:{reader}"
+
     def done(self, request_id: str) -> str:
         """Set once a request's final result is published: a redelivery is answered once."""
         return f"{self.prefix}:done:{request_id}"

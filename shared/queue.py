@@ -24,6 +24,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Iterable
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +32,7 @@ import redis
 import redis.asyncio as aioredis
 from pydantic import ValidationError
 
+from shared.feed import ResultFeed
 from shared.keys import WORKER_GROUP, Keys
 from shared.replies import as_text
 from shared.schemas import (
@@ -406,11 +408,20 @@ class Admitted:
 class GatewayQueue:
     """The gateway's side: admission, submission, cancellation, and waiting for answers."""
 
-    def __init__(self, client: aioredis.Redis, keys: Keys, max_depth: int) -> None:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        keys: Keys,
+        max_depth: int,
+        reads: aioredis.Redis | None = None,
+    ) -> None:
+        """``reads``: the client whose connections block reading answers (``client``'s
+        by default; a bounded pool of commands should not lend its own)."""
         self.client = client
         self.keys = keys
         self.max_depth = max_depth
         self._admit = client.register_script(ADMIT)
+        self.feed = ResultFeed(reads or client, keys, wakes=client)
         self._read: list[str] = []
         self._marking: asyncio.Task[None] | None = None
 
@@ -499,9 +510,11 @@ class GatewayQueue:
             self._marking = None
 
     async def settle(self, timeout_s: float = 2.0) -> None:
-        """Wait for the marks still being written (before the client is closed)."""
+        """Wait for the marks still being written and stop reading result streams
+        (before the client is closed)."""
         if self._marking is not None:
             await asyncio.wait({self._marking}, timeout=timeout_s)
+        await self.feed.close()
 
     async def events(
         self, request_id: str, timeout_s: float
@@ -512,27 +525,24 @@ class GatewayQueue:
         only for characters past those already yielded. A Redis that restarts (or is
         loading its AOF) is waited for until the deadline: the request is not lost.
         """
-        key, last, sent = self.keys.result(request_id), "0", 0
-        loop_deadline = _Deadline(timeout_s)
-        while not loop_deadline.expired():
-            try:
-                reply = await self.client.xread({key: last}, block=loop_deadline.block_ms())
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
-                log.warning("waiting for redis to read %s: %s", request_id, exc)
-                await asyncio.sleep(min(0.5, loop_deadline.remaining()))
-                continue
-            for entry_id, fields in _entries(reply):
-                last = as_text(entry_id)
-                event = parse_event(fields)
-                if isinstance(event, GenerationResult):
-                    yield event
-                    return
-                if event.offset + len(event.text) > sent:
-                    new_text = event.text[max(0, sent - event.offset) :]
-                    sent = event.offset + len(event.text)
-                    yield TokenDelta(
-                        request_id=request_id, offset=sent - len(new_text), text=new_text
-                    )
+        sent = 0
+        batches = self.feed.entries(self.keys.result(request_id), timeout_s)
+        try:
+            async with aclosing(batches):  # leaves the reads as soon as the answer is in
+                async for entries in batches:
+                    for _, fields in entries:
+                        event = parse_event(fields)
+                        if isinstance(event, GenerationResult):
+                            yield event
+                            return
+                        if event.offset + len(event.text) > sent:
+                            new_text = event.text[max(0, sent - event.offset) :]
+                            sent = event.offset + len(event.text)
+                            yield TokenDelta(
+                                request_id=request_id, offset=sent - len(new_text), text=new_text
+                            )
+        except TimeoutError:
+            pass
         raise TimeoutError(f"no answer to request {request_id} within {timeout_s:.0f}s")
 
 

@@ -20,25 +20,12 @@ from shared.schemas import (
     SamplingParams,
     TokenDelta,
 )
+from tests.answers import result as _result
 from tests.cancels import cancel_as_the_gateway
 
 
 def _request(i: int) -> GenerationRequest:
     return GenerationRequest(id=f"r{i}", prompt=f"p{i}", prompt_token_ids=[1, 2, i])
-
-
-def _result(request_id: str, text: str = "out") -> GenerationResult:
-    return GenerationResult(
-        request_id=request_id,
-        text=text,
-        finish_reason="stop",
-        prompt_tokens=3,
-        completion_tokens=1,
-        model="m",
-        worker_id="w",
-        queued_at=0.0,
-        started_at=0.0,
-    )
 
 
 def test_pull_takes_up_to_count_and_ack_empties_the_backlog(

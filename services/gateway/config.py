@@ -35,6 +35,10 @@ class GatewaySettings(CommonSettings):
     # Admission bound, in sequences: waiting in the stream plus held by workers. A body
     # whose sequences don't all fit is refused whole with 429.
     max_queue_depth: int = Field(default=1024, ge=1)
+    # Redis connections a server process sends commands on (admission, cancels...); a
+    # command beyond them waits for one. Answers are read on connections of their own,
+    # one per 256 waiting requests (shared/feed.py).
+    gateway_redis_connections: int = Field(default=32, ge=1, le=1024)
     # How long a request may wait for its answer before the client gets a 504.
     request_timeout_s: float = Field(default=300.0, gt=0)
     max_tokens_limit: int = Field(default=2048, ge=1)

@@ -11,7 +11,7 @@ import redis
 
 from shared.keys import Keys
 from shared.queue import WorkerQueue
-from shared.schemas import GenerationResult
+from tests.answers import result
 from tests.gateway.conftest import GatewayFactory, RunningGateway
 from tests.gateway.echo_worker import EchoWorker
 
@@ -134,19 +134,7 @@ def test_a_retry_of_a_cancelled_run_is_told_so(
     worker = WorkerQueue(redis_client, keys, "w")
     delivery = worker.pull(1, block_ms=100)[0]
     request = delivery.request
-    worker.publish_result(
-        GenerationResult(
-            request_id=request.id,
-            text="c",
-            finish_reason="cancelled",
-            prompt_tokens=4,
-            completion_tokens=1,
-            model="m",
-            worker_id="w",
-            queued_at=0.0,
-            started_at=0.0,
-        )
-    )
+    worker.publish_result(result(request.id, "c", finish_reason="cancelled"))
     retry = _post(gateway, "c", body)
     assert retry.status_code == 409
     assert retry.json()["error"]["code"] == "request_cancelled"

@@ -44,6 +44,13 @@ from shared.schemas import IdempotencyRecord
 router = APIRouter(prefix="/v1", tags=["generation"])
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+# One server-sent event (OpenAPI before 3.2: a text/event-stream ``schema`` describes
+# each event): its ``data`` is a JSON chunk, then ``[DONE]``.
+SSE_EVENT = {
+    "type": "object",
+    "properties": {"data": {"type": "string", "description": "a JSON chunk, or [DONE]"}},
+    "required": ["data"],
+}
 Respond = Callable[[Plan, Results], BaseModel]
 
 
@@ -51,7 +58,7 @@ def _documented(model: type[BaseModel]) -> dict[int | str, dict[str, Any]]:
     ok = {
         "model": model,
         "description": "The answer, or server-sent events of chunks when `stream` is true",
-        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        "content": {"text/event-stream": {"schema": SSE_EVENT}},
     }
     return {200: ok, **GENERATION}
 
