@@ -1,12 +1,15 @@
-"""Loopback load test of the gateway: a steady load, then an overload that must only 429.
+"""Loopback load test of the gateway: a steady load, a burst, then an overload that must only 429.
 
-``python -m experiments.loadtest --out results/loadtest`` starts a gateway (one process,
-or ``--gateway-processes N`` on one port) and a paced echo worker process on the local
-Redis (own key prefix), then runs
+``python -m experiments.loadtest --out results/loadtest`` starts, for each phase, a
+gateway (one process, or ``--gateway-processes N`` on one port) and a paced echo worker
+process on the local Redis (own key prefix), then runs
 
 1. ``steady``: 2,000 completions from 64 concurrent clients, a worker faster than the
    gateway (64 requests per 10 ms step): every one must be a 200;
-2. ``overload``: 2,000 completions from 256 concurrent clients against a worker slower
+2. ``burst``: 1,024 completions sent at once (``--burst``), one per client, queue bound
+   1,024, a worker that takes all of them in one 10 ms step: the gateway's cost per
+   request from admission to answer, as the system benchmark's W1 burst has it;
+3. ``overload``: 2,000 completions from 256 concurrent clients against a worker slower
    than the offered load (8 requests per 200 ms step, 40 req/s) and a queue bound of
    128: the only errors allowed are 429s, each with ``Retry-After`` (a client waits that
    long before its next request).
@@ -52,6 +55,7 @@ class Phase:
     concurrency: int
     worker_batch: int
     worker_step_ms: float
+    queue_bound: int = 128
 
     @property
     def worker_capacity(self) -> float:
@@ -63,6 +67,7 @@ class PhaseResult:
     name: str
     requests: int
     concurrency: int
+    queue_bound: int
     worker_capacity_req_per_s: float
     wall_s: float
     ok_per_s: float
@@ -187,8 +192,9 @@ class Connection:
         self.reader = self.writer = None
 
 
-async def _client(port: int, jobs: asyncio.Queue[int], outcomes: list[Outcome]) -> None:
-    connection = Connection(port)
+async def _client(
+    connection: Connection, jobs: asyncio.Queue[int], outcomes: list[Outcome]
+) -> None:
     while True:
         try:
             index = jobs.get_nowait()
@@ -213,8 +219,10 @@ async def run_phase(port: int, phase: Phase) -> PhaseResult:
     for index in range(phase.requests):
         jobs.put_nowait(index)
     outcomes: list[Outcome] = []
+    connections = [Connection(port) for _ in range(phase.concurrency)]
+    await asyncio.gather(*(c.connect() for c in connections))  # before the clock starts
     start = time.perf_counter()
-    await asyncio.gather(*(_client(port, jobs, outcomes) for _ in range(phase.concurrency)))
+    await asyncio.gather(*(_client(c, jobs, outcomes) for c in connections))
     return summarize(phase, outcomes, time.perf_counter() - start)
 
 
@@ -228,7 +236,8 @@ def summarize(phase: Phase, outcomes: list[Outcome], wall_s: float) -> PhaseResu
     refused = [o for o in outcomes if o.status == 429]
     return PhaseResult(
         name=phase.name, requests=phase.requests, concurrency=phase.concurrency,
-        worker_capacity_req_per_s=phase.worker_capacity, wall_s=round(wall_s, 3),
+        queue_bound=phase.queue_bound, worker_capacity_req_per_s=phase.worker_capacity,
+        wall_s=round(wall_s, 3),
         ok_per_s=round(len(ok) / wall_s, 1),
         statuses=dict(sorted(statuses.items())),
         errors_other_than_429=sum(1 for o in outcomes if o.status not in (200, 429)),
@@ -278,6 +287,24 @@ def _worker(
     return _start(argv, env, out / f"worker-{phase.name}.log")
 
 
+def _run_with_services(
+    phase: Phase, env: dict[str, str], url: str, port: int, redis_url: str, work: Path
+) -> PhaseResult:
+    """One phase against a gateway with the phase's queue bound and its echo worker."""
+    env = {**env, "AEGIS_MAX_QUEUE_DEPTH": str(phase.queue_bound)}
+    log = work / f"gateway-{phase.name}.log"
+    gateway = _start([sys.executable, "-m", "services.gateway"], env, log)
+    try:
+        worker = _worker(phase, env["AEGIS_KEY_PREFIX"], redis_url, env, work)
+        try:
+            _wait_ready(url)
+            return asyncio.run(run_phase(port, phase))
+        finally:
+            _stop(worker)
+    finally:
+        _stop(gateway)
+
+
 def _stop(process: subprocess.Popen[bytes]) -> None:
     process.send_signal(signal.SIGTERM)
     process.wait(30)
@@ -288,7 +315,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("results/loadtest"))
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     parser.add_argument("--requests", type=int, default=2000)
-    parser.add_argument("--queue-bound", type=int, default=128)
+    parser.add_argument("--queue-bound", type=int, default=128, help="of the overload phase")
+    parser.add_argument("--burst", type=int, default=1024, help="requests of the burst phase")
     parser.add_argument(
         "--gateway-processes", type=int, default=1, help="AEGIS_GATEWAY_PROCESSES (0: one per core)"
     )
@@ -306,32 +334,29 @@ def main(argv: list[str] | None = None) -> None:
     prefix, port = f"aegis-loadtest-{uuid.uuid4().hex[:8]}", _free_port()
     env = {
         "AEGIS_REDIS_URL": args.redis_url, "AEGIS_KEY_PREFIX": prefix,
-        "AEGIS_GATEWAY_PORT": str(port), "AEGIS_MAX_QUEUE_DEPTH": str(args.queue_bound),
-        "AEGIS_LOG_LEVEL": "WARNING", "AEGIS_DATA_DIR": str(work / "data"),
+        "AEGIS_GATEWAY_PORT": str(port), "AEGIS_LOG_LEVEL": "WARNING",
+        "AEGIS_DATA_DIR": str(work / "data"),
         "AEGIS_GATEWAY_PROCESSES": str(args.gateway_processes),
     }  # fmt: skip
     phases = [
-        Phase("steady", args.requests, 64, worker_batch=64, worker_step_ms=10),
-        Phase("overload", args.requests, 256, worker_batch=8, worker_step_ms=200),
-    ]
-    gateway = _start([sys.executable, "-m", "services.gateway"], env, work / "gateway.log")
+        Phase("steady", args.requests, 64, worker_batch=64, worker_step_ms=10,
+              queue_bound=args.queue_bound),
+        Phase("burst", args.burst, args.burst, worker_batch=args.burst, worker_step_ms=10,
+              queue_bound=args.burst),
+        Phase("overload", args.requests, 256, worker_batch=8, worker_step_ms=200,
+              queue_bound=args.queue_bound),
+    ]  # fmt: skip
     url, results = f"http://127.0.0.1:{port}", []
     try:
         for phase in phases:
-            worker = _worker(phase, prefix, args.redis_url, env, work)
-            try:
-                _wait_ready(url)
-                results.append(asyncio.run(run_phase(port, phase)))
-            finally:
-                _stop(worker)
+            results.append(_run_with_services(phase, env, url, port, args.redis_url, work))
     finally:
-        _stop(gateway)
         client = redis.Redis.from_url(args.redis_url)
         for key in client.scan_iter(f"{prefix}*"):
             client.delete(key)
         client.close()
     setup = {
-        "requests_per_phase": args.requests, "queue_bound": args.queue_bound,
+        "requests_per_phase": args.requests, "burst": args.burst,
         "gateway_processes": args.gateway_processes,
         "cpus": os.cpu_count(), "python": platform.python_version(), "machine": platform.platform(),
         "ts": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -356,18 +381,21 @@ def write_report(out: Path, setup: dict[str, object], results: list[PhaseResult]
         f"`python -m experiments.loadtest` on {setup['ts']}: {setup['cpus']} CPUs shared with "
         "other work (the clients, the gateway, Redis and the worker all on them), a gateway "
         f"of {_processes(setup.get('gateway_processes', 1))} and a paced echo worker process "
-        "(a fixed step time per batch, no model), "
-        f"queue bound {setup['queue_bound']} sequences, 8-token completions.",
+        "(a fixed step time per batch, no model), 8-token completions. Each phase has a "
+        "gateway of its own, started with the phase's queue bound (in sequences); its "
+        "clients' connections are open before the clock starts. In the burst, every "
+        "request is sent at once (the gateway's cost per request, admission to answer).",
         "",
-        "| phase | requests | concurrent | worker req/s at most | wall s | ok req/s | statuses "
-        "| errors other than 429 | every 429 has Retry-After | p50 s | p95 s | p99 s "
-        "| 429 p99 s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| phase | requests | concurrent | queue bound | worker req/s at most | wall s "
+        "| ok req/s | statuses | errors other than 429 | every 429 has Retry-After | p50 s "
+        "| p95 s | p99 s | 429 p99 s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         statuses = ", ".join(f"{k}: {v}" for k, v in r.statuses.items())
         lines.append(
-            f"| {r.name} | {r.requests} | {r.concurrency} | {r.worker_capacity_req_per_s} | "
+            f"| {r.name} | {r.requests} | {r.concurrency} | {r.queue_bound} | "
+            f"{r.worker_capacity_req_per_s} | "
             f"{r.wall_s} | {r.ok_per_s} | "
             f"{statuses} | {r.errors_other_than_429} | {r.all_429_have_retry_after} | "
             f"{r.latency_ok_p50_s} | {r.latency_ok_p95_s} | {r.latency_ok_p99_s} | "
@@ -379,7 +407,7 @@ def write_report(out: Path, setup: dict[str, object], results: list[PhaseResult]
         "429 waited its Retry-After before its next request. In the overload, admission "
         "refuses past the bound (backlog plus what the worker holds), so the answered "
         "requests' latency stays near bound / worker capacity "
-        f"({setup['queue_bound']} / {results[-1].worker_capacity_req_per_s} req/s) instead of "
+        f"({results[-1].queue_bound} / {results[-1].worker_capacity_req_per_s} req/s) instead of "
         "growing with the offered load.",
         "",
     ]

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
@@ -106,6 +107,7 @@ class _Reader:
         self._woken = False  # a wake was sent during the read in flight
         self._changed = asyncio.Event()
         self._closing = False
+        self._expiry_due = 0.0
         self._waking: set[asyncio.Task[None]] = set()
         self.task = asyncio.get_running_loop().create_task(self._run())
 
@@ -136,7 +138,10 @@ class _Reader:
         try:
             pipe = self.wakes.pipeline(transaction=False)
             pipe.xadd(self.wake_key, {"wake": "1"}, maxlen=1, approximate=False)
-            pipe.expire(self.wake_key, WAKE_TTL_S)
+            clock = time.monotonic()
+            if clock >= self._expiry_due:  # the TTL is refreshed now and then, not each wake
+                pipe.expire(self.wake_key, WAKE_TTL_S)
+                self._expiry_due = clock + WAKE_TTL_S / 2
             await pipe.execute()
         except redis.RedisError as exc:  # the read ends by itself within BLOCK_MS
             log.debug("could not wake a result reader: %s", exc)

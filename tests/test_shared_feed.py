@@ -79,6 +79,9 @@ def test_requests_that_start_waiting_during_a_read_are_woken_into_it(
         publisher.publish_result(_result("a"))
         assert len(await first) == 1
         assert feed.waiting == 0
+        # A gateway that dies leaves its wake stream to expire.
+        [wake_key] = [k.decode() for k in redis_client.scan_iter(f"{keys.prefix}:result-wake:*")]
+        assert 0 < redis_client.ttl(wake_key) <= feed_module.WAKE_TTL_S
         await feed.close()
         await client.aclose()
 
