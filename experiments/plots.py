@@ -264,4 +264,14 @@ def _colocated(fig: Any, d: dict[str, Any]) -> None:
         f"together / alone = {d['ratio_together_vs_alone']} (target {d['target_ratio']}), "
         f"OOM events {d['oom_events']}"
     )
-    _fleet(fig.add_subplot(1, 1, 1), runs, title)
+    split = d.get("agent_split")
+    _fleet(fig.add_subplot(1, 2 if split else 1, 1), runs, title)
+    if split:
+        ax = fig.add_subplot(1, 2, 2)
+        for name, series in split["pools_gib"].items():
+            if series:  # a step per change, held to the last record
+                ax.step([p[0] for p in series], [p[1] for p in series], where="post", label=name)
+        ax.set_xlabel("seconds after the workers' start")
+        ax.set_ylabel("KV pool (GiB)")
+        ax.set_title(f"the agent splitting one GPU: smallest / largest pool {split['even']}")
+        ax.legend()

@@ -503,6 +503,38 @@ def _colocated_md(d: dict[str, Any]) -> list[str]:
         *_fleet_table([d["alone"], d["together"]], kv=True),
         f"Together / alone: {shared}; OOM events: {d['oom_events']}; workers that exited: {exits}.",
         "",
+        *_agent_split_md(d.get("agent_split")),
+    ]
+
+
+def _agent_split_md(split: dict[str, Any] | None) -> list[str]:
+    """(c): the rounds with the agent splitting the GPU, the pools, its KV decisions."""
+    if not split:
+        return []
+    rows = [
+        f"| {i + 1} | {r['tokens_per_s']:,.0f} | {r['ratio_vs_alone']} | {r['oom_events']} "
+        f"| {r['exactly_once']} |"
+        for i, r in enumerate(split["rounds"])
+    ]
+    pools = "; ".join(
+        f"{name}: " + " -> ".join(f"{gib} GiB at {at} s" for at, gib in series)
+        for name, series in split["pools_gib"].items()
+    )
+    decisions = [f"- {d['at_s']} s, {d['worker']}: {d['reason']}" for d in split["kv_decisions"]]
+    return [
+        f"**{split['label']}**" + (f" ({split['note']})" if split["note"] else "") + ":",
+        "",
+        "| round | tokens/s | / alone | OOM events | answered once |",
+        "|---|---|---|---|---|",
+        *rows,
+        "",
+        f"KV pools (from the cycle records): {pools or 'none recorded'}. Smallest / largest "
+        f"pool at the end: {split['even']}. Workers that exited: "
+        f"{split['worker_exits'] or 'none'}.",
+        "",
+        f"The agent's KV decisions ({len(decisions)}):" if decisions else "No KV decisions.",
+        *decisions,
+        "",
     ]
 
 

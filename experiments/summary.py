@@ -251,10 +251,17 @@ def _scaleout_summary(data: dict[str, Any]) -> list[Row]:
 
 def _colocated_summary(data: dict[str, Any]) -> list[Row]:
     alone, together = data["alone"], data["together"]
-    return [
+    rows: list[Row] = [
         ("colocated", f"tokens/s, {together['configuration']}", together["tokens_per_s"],
          alone["configuration"], alone["tokens_per_s"], data["ratio_together_vs_alone"]),
     ]  # fmt: skip
+    split = data.get("agent_split")
+    if split and split["rounds"]:
+        last = split["rounds"][-1]
+        rows.append(("colocated", f"tokens/s, {split['label']} (last round)",
+                     last["tokens_per_s"], alone["configuration"], alone["tokens_per_s"],
+                     last["ratio_vs_alone"]))  # fmt: skip
+    return rows
 
 
 def _ratio(a: float, b: float) -> float | None:

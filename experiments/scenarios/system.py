@@ -53,6 +53,8 @@ CLIENT_PROCESSES = 4
 # Set: the system scenario runs its load a second time with the worker under cProfile.
 PROFILE_ENV = "AEGIS_BENCH_PROFILE_WORKER"
 WARM_UP_PER_PROCESS = 4
+# With ``control``: the monitor (telemetry: every process's GPU memory) and the agent.
+CONTROL_SERVICES = ("monitor", "agent")
 
 
 def run(ctx: BenchContext) -> dict[str, Any]:
@@ -188,8 +190,10 @@ class Services:
     worker has its own id (``<prefix>-<name>``), metrics port and log file. ``env`` goes
     to every process. With ``stagger`` each worker is up (its heartbeat is in Redis)
     before the next one starts: a GPU's second worker then profiles its memory with the
-    first one's already taken. :meth:`add_worker`, :meth:`stop_worker` and
-    :meth:`kill_worker` (SIGKILL, a crash) change the set while the services run.
+    first one's already taken. With ``control`` the monitor and the agent run too
+    (before the workers), and the agent sets the workers' settings live.
+    :meth:`add_worker`, :meth:`stop_worker` and :meth:`kill_worker` (SIGKILL, a crash)
+    change the set while the services run.
     """
 
     def __init__(
@@ -201,6 +205,7 @@ class Services:
         logs: str = "logs",
         stagger: bool = False,
         profile_workers: bool = False,
+        control: bool = False,
     ) -> None:
         self.ctx = ctx
         self.prefix = f"bench-{uuid.uuid4().hex[:8]}"
@@ -215,6 +220,7 @@ class Services:
         self.initial = [("worker" if workers == 1 else None, extra) for extra in envs]
         self.stagger = stagger
         self.profile_workers = profile_workers
+        self.control = CONTROL_SERVICES if control else ()
         self.client_processes = int(ctx.config("system").get("client_processes", CLIENT_PROCESSES))
         self.redis: subprocess.Popen[bytes] | None = None
         self.children: dict[str, subprocess.Popen[bytes]] = {}
@@ -255,6 +261,8 @@ class Services:
         try:
             self.redis = ensure_redis(self.redis_url, self.ctx.out / "redis", bundled=CARRIED_REDIS)
             self._start("gateway", "services.gateway", self.env)
+            for service in self.control:  # before the workers: it sees them from their start
+                self._start(service, f"services.{service}", self.env)
             for name, extra in self.initial:
                 self.add_worker(extra, wait=self.stagger, name=name)
             self._wait_ready()
@@ -269,7 +277,7 @@ class Services:
         for name in workers:  # all at once: each drains (briefly, idle) in parallel
             if self.children[name].poll() is None:
                 self.children[name].send_signal(signal.SIGTERM)
-        for name in [*workers, "gateway"]:
+        for name in [*workers, *self.control, "gateway"]:
             process = self.children.pop(name, None)
             if process is not None:
                 _stop(process)

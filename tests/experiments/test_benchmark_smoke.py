@@ -321,7 +321,20 @@ def test_colocated_scenario_two_workers_on_one_device(
         assert worker["kv_pool_mib"] > 0
     assert data["oom_events"] == 0 and data["worker_exits"] == {}
     assert data["ratio_together_vs_alone"] > 0 and isinstance(data["meets_target"], bool)
-    assert "## colocated" in (tmp_path / "results.md").read_text()
+    # (c) the monitor and the agent run beside two workers started with the defaults.
+    split = data["agent_split"]
+    assert len(split["rounds"]) == data["config"]["agent_rounds"] > 0 and all(
+        r["exactly_once"] for r in split["rounds"]
+    )
+    assert split["oom_events"] == 0 and split["worker_exits"] == {}
+    assert set(split["pools_gib"]) == {"worker-0", "worker-1"}
+    assert all(series and series[-1][1] > 0 for series in split["pools_gib"].values())
+    logs = tmp_path / "logs" / "colocated-agent"
+    assert "monitor started" in (logs / "monitor.log").read_text()
+    agent_log = (logs / "agent.log").read_text()
+    assert all(f"worker-{i} found" in agent_log for i in (0, 1)), agent_log
+    md = (tmp_path / "results.md").read_text()
+    assert "## colocated" in md and "the agent splitting" in md
     _valid_png(tmp_path / "colocated.png")
 
 
