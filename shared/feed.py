@@ -77,14 +77,30 @@ class _Waiter:
 
     key: str
     last: str = "0-0"
-    inbox: asyncio.Queue[list[Entry]] = field(default_factory=asyncio.Queue)
+    # Entries handed on and not yet taken by the request, and the future it awaits
+    # while there are none (lighter than an asyncio.Queue, made for each request).
+    pending: list[Entry] = field(default_factory=list)
+    arrived: asyncio.Future[None] | None = None
 
     def take(self, entries: list[Entry]) -> None:
         after = entry_order(self.last)
         fresh = [e for e in entries if entry_order(e[0]) > after]
         if fresh:
             self.last = fresh[-1][0]
-            self.inbox.put_nowait(fresh)
+            self.pending.extend(fresh)
+            if self.arrived is not None and not self.arrived.done():
+                self.arrived.set_result(None)
+
+    async def next_batch(self) -> list[Entry]:
+        """Every entry handed on since the last call, waiting for one if there is none."""
+        if not self.pending:
+            self.arrived = asyncio.get_running_loop().create_future()
+            try:
+                await self.arrived
+            finally:
+                self.arrived = None
+        batch, self.pending = self.pending, []
+        return batch
 
 
 def _earliest(waiters: list[_Waiter]) -> str:
@@ -225,7 +241,7 @@ class ResultFeed:
             while True:
                 # Only the wait is bounded, never the caller's work between batches.
                 async with asyncio.timeout_at(deadline):
-                    batch = await waiter.inbox.get()
+                    batch = await waiter.next_batch()
                 yield batch
         finally:
             reader.remove(waiter)
