@@ -168,7 +168,12 @@ class _Reader:
                 self._changed.clear()
                 await self._changed.wait()
                 continue
-            await self._read_once()
+            try:
+                await self._read_once()
+            except Exception:  # a bad entry must not leave every waiting request unread
+                log.exception("reading result streams failed; retrying")
+                self._reading = {}
+                await asyncio.sleep(RETRY_S)
             # The requests just answered leave before the next read names their streams.
             await asyncio.sleep(0)
 

@@ -207,3 +207,35 @@ def test_two_readers_of_one_stream_each_get_every_entry(
         return got
 
     assert asyncio.run(scenario()) == [["He", "llo", "Hello"]] * 2
+
+
+def test_the_reader_outlives_an_entry_it_cannot_read(
+    redis_client: redis.Redis, keys: Keys, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reply the reader fails on (a bug, a corrupt entry) is logged and the read is
+    retried: the requests waiting beside it still get their answers."""
+    monkeypatch.setattr(feed_module, "RETRY_S", 0.01)
+    publisher = WorkerQueue(redis_client, keys, "w")
+    real_parse = feed_module.stream_entries
+    failures = 1
+
+    def flaky_parse(reply: object) -> object:
+        nonlocal failures
+        if failures:
+            failures -= 1
+            raise ValueError("a reply the reader does not understand")
+        return real_parse(reply)
+
+    monkeypatch.setattr(feed_module, "stream_entries", flaky_parse)
+    publisher.publish_result(_result("z", "fine"))
+
+    async def scenario() -> list[str]:
+        client = aioredis.Redis.from_url(redis_url)
+        gateway = GatewayQueue(client, keys, max_depth=10)
+        got = await _events(gateway, "z")
+        await gateway.settle()
+        await client.aclose()
+        return got
+
+    assert asyncio.run(scenario()) == ["fine"]
+    assert failures == 0
