@@ -127,6 +127,12 @@ class ControlSettings(_Wire):
     updated_at: float = Field(default_factory=now)
 
 
+def gpu_uuid_key(uuid: str) -> str:
+    """A GPU's UUID as NVML (``GPU-8f3e...``) and torch (``8f3e...``) both give it."""
+    text = uuid.strip().lower()
+    return text[4:] if text.startswith("gpu-") else text
+
+
 class GpuSample(_Wire):
     """NVML reading of one GPU."""
 
@@ -139,6 +145,9 @@ class GpuSample(_Wire):
     power_w: float | None = None
     # Memory of processes on this GPU by pid, where NVML can tell.
     process_memory_bytes: dict[int, int] = Field(default_factory=dict)
+    # NVML's UUID (see gpu_uuid_key): a worker that sees only its own GPU (a container,
+    # CUDA_VISIBLE_DEVICES) calls it cuda:0 whatever its index here.
+    uuid: str | None = None
 
 
 class TelemetrySample(_Wire):
@@ -162,6 +171,7 @@ class CycleStats(_Wire):
     ts: float = Field(default_factory=now)
     worker_id: str
     gpu_index: int | None = None
+    gpu_uuid: str | None = None
     settings_version: int
     settings_reason: str = ""
     batch_size: int
@@ -275,6 +285,7 @@ class WorkerInfo(_Wire):
     pid: int
     device: str
     gpu_index: int | None = None
+    gpu_uuid: str | None = None
     gpu_name: str | None = None
     model: str
     synthetic: bool

@@ -43,7 +43,15 @@ from shared.events import parse_event
 from shared.keys import Keys
 from shared.lifecycle import Stoppable
 from shared.replies import as_text
-from shared.schemas import CycleStats, Decision, OomEvent, TelemetrySample, WorkerInfo, load
+from shared.schemas import (
+    CycleStats,
+    Decision,
+    GpuSample,
+    OomEvent,
+    TelemetrySample,
+    WorkerInfo,
+    load,
+)
 
 log = logging.getLogger(__name__)
 
@@ -200,12 +208,7 @@ class AgentService(Stoppable):
         if sample is None or self.clock() - sample.ts > self.settings.telemetry_max_age_s:
             return None
         cycle = worker.last_cycle
-        index = cycle.gpu_index if cycle and cycle.gpu_index is not None else None
-        if index is None and info is not None:
-            index = info.gpu_index
-        gpu = next((g for g in sample.gpus if g.index == index), None)
-        if gpu is None and len(sample.gpus) == 1 and index is None:
-            gpu = sample.gpus[0]
+        gpu = _gpu_of(worker, sample)
         if gpu is None:
             return None
         pid = info.pid if info else None
@@ -289,3 +292,22 @@ class AgentService(Stoppable):
                 log.exception("agent turn failed")
                 self.stopping.wait(1.0)
         log.info("agent stopped")
+
+
+def _gpu_of(worker: _Worker, sample: TelemetrySample) -> GpuSample | None:
+    """The worker's GPU in a monitor sample: by UUID, which holds when the worker sees
+    only its own GPU (a container with one GPU, CUDA_VISIBLE_DEVICES: cuda:0 there is
+    any index here), else by index; a sample of one GPU is a worker's without either."""
+    cycle, info = worker.last_cycle, worker.info
+    uuid = (cycle.gpu_uuid if cycle else None) or (info.gpu_uuid if info else None)
+    if uuid is not None:
+        found = next((g for g in sample.gpus if g.uuid == uuid), None)
+        if found is not None or any(g.uuid for g in sample.gpus):
+            return found  # a UUID the monitor does not list: another host's GPU
+    index = cycle.gpu_index if cycle and cycle.gpu_index is not None else None
+    if index is None and info is not None:
+        index = info.gpu_index
+    gpu = next((g for g in sample.gpus if g.index == index), None)
+    if gpu is None and len(sample.gpus) == 1 and index is None:
+        gpu = sample.gpus[0]
+    return gpu

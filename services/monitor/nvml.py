@@ -24,7 +24,7 @@ import psutil
 import pynvml
 
 from shared.replies import as_text
-from shared.schemas import GpuSample, TelemetrySample
+from shared.schemas import GpuSample, TelemetrySample, gpu_uuid_key
 
 log = logging.getLogger(__name__)
 
@@ -120,8 +120,10 @@ class TelemetryReader:
             pynvml.NVML_TEMPERATURE_GPU,
         )  # fmt: skip
         power_mw = self._field(index, "power", pynvml.nvmlDeviceGetPowerUsage, handle)
+        uuid = self._field(index, "uuid", pynvml.nvmlDeviceGetUUID, handle)
         return GpuSample(
             index=index,
+            uuid=gpu_uuid_key(as_text(uuid)) if uuid is not None else None,
             name=as_text(name) if name is not None else f"gpu{index}",
             memory_used_bytes=used,
             memory_total_bytes=total,

@@ -30,7 +30,7 @@ from services.worker.core.engine import StepOutput
 from services.worker.loop import ServingCore, ServingLoop
 from services.worker.metrics import WorkerMetrics
 from services.worker.model import LoadedModel, model_info
-from services.worker.stats import gpu_index
+from services.worker.stats import gpu_index, gpu_uuid
 from services.worker.window import StepWindow, WindowContext
 from shared.control import ControlStore
 from shared.db.writer import RecordWriter
@@ -119,6 +119,7 @@ class Worker:
             pid=os.getpid(),
             device=self.loaded.device,
             gpu_index=gpu_index(self.loaded.device),
+            gpu_uuid=gpu_uuid(self.loaded.device),
             gpu_name=_gpu_name(self.loaded.device),
             model=self.loaded.name,
             synthetic=self.loaded.synthetic,

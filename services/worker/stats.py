@@ -1,9 +1,11 @@
-"""The device's memory as the driver sees it, and a device name's GPU index: the parts of
-a cycle record that come from the device (see :mod:`services.worker.window`)."""
+"""The device's memory as the driver sees it, and a device name's GPU index and UUID: the
+parts of a cycle record that come from the device (see :mod:`services.worker.window`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from shared.schemas import gpu_uuid_key
 
 
 @dataclass
@@ -20,6 +22,18 @@ def gpu_index(device: str) -> int | None:
     if not device.startswith("cuda"):
         return None
     return int(device.split(":")[1]) if ":" in device else 0
+
+
+def gpu_uuid(device: str) -> str | None:
+    """The UUID of the GPU behind ``device`` (None on CPU), as the monitor's samples carry
+    it: the index a worker sees is not the host's when it sees only its own GPU."""
+    index = gpu_index(device)
+    if index is None:
+        return None
+    import torch
+
+    uuid = getattr(torch.cuda.get_device_properties(index), "uuid", None)
+    return gpu_uuid_key(str(uuid)) if uuid is not None else None
 
 
 def device_memory(device: str) -> DeviceMemory:

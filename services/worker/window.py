@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from services.worker.core.engine import CoreStats, StepOutput
 from services.worker.oom import OomInfo
 from services.worker.rows import RequestOutcome
-from services.worker.stats import device_memory, gpu_index
+from services.worker.stats import device_memory, gpu_index, gpu_uuid
 from shared.schemas import ControlSettings, CycleStats, GenerationRequest, now
 
 
@@ -97,6 +97,7 @@ class StepWindow:
         return CycleStats(
             worker_id=ctx.worker_id,
             gpu_index=gpu_index(ctx.device),
+            gpu_uuid=gpu_uuid(ctx.device),
             settings_version=ctx.settings.version,
             settings_reason=ctx.settings.reason,
             batch_size=self.most_running,

@@ -25,6 +25,7 @@ from shared.schemas import (
     TelemetrySample,
     WorkerInfo,
     dump,
+    gpu_uuid_key,
 )
 
 GIB = 1 << 30
@@ -226,3 +227,39 @@ def test_a_second_aegis_worker_on_the_gpu_is_seen_as_a_peer(
     assert first is not None and second is not None
     assert (first.other_bytes, first.peer_workers, first.peer_bytes) == (25 * GIB, 1, 20 * GIB)
     assert (second.other_bytes, second.peer_workers, second.peer_bytes) == (35 * GIB, 1, 30 * GIB)
+
+
+def test_a_worker_that_sees_only_its_own_gpu_is_matched_by_uuid(
+    redis_client: redis.Redis, keys: Keys, key_prefix: str, redis_url: str
+) -> None:
+    """In a container with one GPU (or under CUDA_VISIBLE_DEVICES) every worker calls its
+    GPU cuda:0; the monitor lists the host's GPUs by their own index. Each worker's view is
+    its own GPU's, found by UUID (torch gives it without NVML's ``GPU-`` prefix); a UUID
+    the monitor does not list is no GPU of this host, not GPU 0."""
+    uuids = {"w1": "8f3e0000-aaaa", "w2": "8f3e0001-bbbb", "w3": "0000dead-cccc"}
+    for worker_id, uuid in uuids.items():
+        info = WorkerInfo(worker_id=worker_id, host="gpu-host", pid=PID, device="cuda:0",
+                          gpu_index=0, gpu_uuid=uuid, model="synthetic:tiny",
+                          synthetic=True)  # fmt: skip
+        redis_client.hset(keys.workers, worker_id, dump(info))
+    service = AgentService(settings_for(key_prefix, redis_url), redis_client)
+    readings = ((10, "GPU-8f3e0000-AAAA"), (70, "GPU-8f3e0001-bbbb"))  # NVML's spelling
+    gpus = [
+        GpuSample(
+            index=i,
+            name="H200",
+            memory_used_bytes=used * GIB,
+            memory_total_bytes=140 * GIB,
+            uuid=gpu_uuid_key(uuid),
+        )
+        for i, (used, uuid) in enumerate(readings)
+    ]
+    send_telemetry(redis_client, keys, TelemetrySample(host="gpu-host", gpu="nvml", gpus=gpus))
+    for worker_id in uuids:
+        event = cycle(8, version=1).model_copy(update={"worker_id": worker_id})
+        publish_event(redis_client, keys, event, maxlen=1000)
+    service.step(block_ms=200)
+    views = {w: service.memory_of(service.workers[w]) for w in uuids}
+    assert views["w1"] is not None and views["w1"].used_bytes == 10 * GIB
+    assert views["w2"] is not None and views["w2"].used_bytes == 70 * GIB
+    assert views["w3"] is None  # its cycles carry no NVML reading of their own either

@@ -83,3 +83,14 @@ def test_nvml_sees_memory_allocated_on_the_gpu() -> None:
     assert after.gpus[0].utilization_pct is not None
     del block
     reader.close()
+
+
+def test_the_worker_and_the_monitor_name_the_gpu_by_the_same_uuid() -> None:
+    """The agent finds a worker's GPU in the monitor's samples by UUID: torch's (what the
+    worker reports for cuda:0) must be one NVML lists, visible devices remapped or not."""
+    from services.worker.stats import gpu_uuid
+
+    reader = TelemetryReader()
+    listed = {g.uuid for g in reader.read().gpus}
+    reader.close()
+    assert gpu_uuid("cuda:0") in listed and None not in listed
