@@ -128,9 +128,11 @@ class ControlSettings(_Wire):
 
 
 def gpu_uuid_key(uuid: str) -> str:
-    """A GPU's UUID as NVML (``GPU-8f3e...``) and torch (``8f3e...``) both give it."""
+    """A GPU's UUID as NVML (``GPU-8f3e0000-aaaa-...``) and torch (``8f3e0000-aaaa-...``)
+    both give it: its hex digits, lower case."""
     text = uuid.strip().lower()
-    return text[4:] if text.startswith("gpu-") else text
+    text = text[4:] if text.startswith("gpu-") else text
+    return text.replace("-", "")
 
 
 class GpuSample(_Wire):

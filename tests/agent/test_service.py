@@ -239,7 +239,7 @@ def test_a_worker_that_sees_only_its_own_gpu_is_matched_by_uuid(
     uuids = {"w1": "8f3e0000-aaaa", "w2": "8f3e0001-bbbb", "w3": "0000dead-cccc"}
     for worker_id, uuid in uuids.items():
         info = WorkerInfo(worker_id=worker_id, host="gpu-host", pid=PID, device="cuda:0",
-                          gpu_index=0, gpu_uuid=uuid, model="synthetic:tiny",
+                          gpu_index=0, gpu_uuid=gpu_uuid_key(uuid), model="synthetic:tiny",
                           synthetic=True)  # fmt: skip
         redis_client.hset(keys.workers, worker_id, dump(info))
     service = AgentService(settings_for(key_prefix, redis_url), redis_client)
