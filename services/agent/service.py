@@ -213,21 +213,40 @@ class AgentService(Stoppable):
             return None
         pid = info.pid if info else None
         view = memory_view(gpu, pid, cycle, self.settings.overhead_bytes)
-        peers = self._peer_pids(worker, info.host if info else None, gpu.process_memory_bytes)
+        peers = self._peer_bytes(worker, info.host if info else None, gpu)
         if not peers:
             return view
-        held = sum(gpu.process_memory_bytes[p] for p in peers)
-        return replace(view, peer_workers=len(peers), peer_bytes=held)
+        return replace(view, peer_workers=len(peers), peer_bytes=sum(peers))
 
-    def _peer_pids(self, worker: _Worker, host: str | None, procs: dict[int, int]) -> list[int]:
-        """Pids of the other known AEGIS workers of this host that use this GPU."""
+    def _peer_bytes(self, worker: _Worker, host: str | None, gpu: GpuSample) -> list[int]:
+        """What each other AEGIS worker of this host on this GPU holds: NVML's figure for
+        its pid; else, for a live worker on the GPU of this UUID (a container's pid is
+        not the host's, so NVML does not list it), its last cycle's own reading."""
+        procs = gpu.process_memory_bytes
         own = worker.info.pid if worker.info else None
-        return [
-            other.info.pid
-            for other in self.workers.values()
-            if other is not worker and other.info is not None and other.info.host == host
-            and other.info.pid in procs and other.info.pid != own
-        ]  # fmt: skip
+        held = []
+        for other in self.workers.values():
+            info = other.info
+            if other is worker or info is None or info.host != host:
+                continue
+            if info.pid in procs and info.pid != own:
+                held.append(procs[info.pid])
+            elif gpu.uuid is not None and _uuid_of(other) == gpu.uuid:
+                reading = self._held_by(other)
+                if reading is not None:
+                    held.append(reading)
+        return held
+
+    def _held_by(self, worker: _Worker) -> int | None:
+        """A worker's memory as its last cycle read it (plus the CUDA context), if it is
+        alive (its heartbeat: a dead worker's memory went with it)."""
+        cycle = worker.last_cycle
+        if cycle is None:
+            return None
+        reading = cycle.memory_reserved_bytes or cycle.memory_peak_bytes
+        if not reading or not self.client.exists(self.keys.worker_alive(cycle.worker_id)):
+            return None
+        return reading + self.settings.overhead_bytes
 
     def decide_all(self) -> list[Decision]:
         """Run the policy for every worker with something new; the decisions made."""
@@ -294,12 +313,17 @@ class AgentService(Stoppable):
         log.info("agent stopped")
 
 
+def _uuid_of(worker: _Worker) -> str | None:
+    cycle, info = worker.last_cycle, worker.info
+    return (cycle.gpu_uuid if cycle else None) or (info.gpu_uuid if info else None)
+
+
 def _gpu_of(worker: _Worker, sample: TelemetrySample) -> GpuSample | None:
     """The worker's GPU in a monitor sample: by UUID, which holds when the worker sees
     only its own GPU (a container with one GPU, CUDA_VISIBLE_DEVICES: cuda:0 there is
     any index here), else by index; a sample of one GPU is a worker's without either."""
     cycle, info = worker.last_cycle, worker.info
-    uuid = (cycle.gpu_uuid if cycle else None) or (info.gpu_uuid if info else None)
+    uuid = _uuid_of(worker)
     if uuid is not None:
         found = next((g for g in sample.gpus if g.uuid == uuid), None)
         if found is not None or any(g.uuid for g in sample.gpus):

@@ -263,3 +263,39 @@ def test_a_worker_that_sees_only_its_own_gpu_is_matched_by_uuid(
     assert views["w1"] is not None and views["w1"].used_bytes == 10 * GIB
     assert views["w2"] is not None and views["w2"].used_bytes == 70 * GIB
     assert views["w3"] is None  # its cycles carry no NVML reading of their own either
+
+
+def test_workers_in_containers_on_one_gpu_are_peers_by_uuid_while_alive(
+    redis_client: redis.Redis, keys: Keys, key_prefix: str, redis_url: str
+) -> None:
+    """Worker containers sharing a GPU: NVML lists none of their pids (their own pid
+    namespaces). Each live worker on the same GPU (UUID) is still a peer, holding what
+    its last cycle read plus the CUDA context; one whose heartbeat is gone is not (its
+    memory went with it)."""
+    uuid = gpu_uuid_key("GPU-8f3e0000-aaaa")
+    reserved = {"w1": 60 * GIB, "w2": 20 * GIB, "w3": 30 * GIB}
+    for n, worker_id in enumerate(reserved):
+        info = WorkerInfo(worker_id=worker_id, host="gpu-host", pid=1 + n, device="cuda:0",
+                          gpu_index=0, gpu_uuid=uuid, model="synthetic:tiny",
+                          synthetic=True)  # fmt: skip
+        redis_client.hset(keys.workers, worker_id, dump(info))
+        if worker_id != "w3":  # w3 died
+            redis_client.set(keys.worker_alive(worker_id), "1", ex=60)
+    settings = settings_for(key_prefix, redis_url)
+    service = AgentService(settings, redis_client)
+    gpu = GpuSample(index=0, name="H200", memory_used_bytes=82 * GIB,
+                    memory_total_bytes=140 * GIB, uuid=uuid,
+                    process_memory_bytes={4242: 81 * GIB})  # fmt: skip
+    send_telemetry(redis_client, keys, TelemetrySample(host="gpu-host", gpu="nvml", gpus=[gpu]))
+    for worker_id, held in reserved.items():
+        event = cycle(8, version=1).model_copy(
+            update={"worker_id": worker_id, "gpu_uuid": uuid, "memory_reserved_bytes": held}
+        )
+        publish_event(redis_client, keys, event, maxlen=1000)
+    service.step(block_ms=200)
+    first, second = (service.memory_of(service.workers[w]) for w in ("w1", "w2"))
+    overhead = settings.overhead_bytes
+    assert first is not None and (first.peer_workers, first.peer_bytes) == (1, 20 * GIB + overhead)
+    assert second is not None and (second.peer_workers, second.peer_bytes) == (
+        1, 60 * GIB + overhead,
+    )  # fmt: skip
