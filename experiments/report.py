@@ -414,7 +414,9 @@ def _gateways_md(d: dict[str, Any]) -> list[str]:
     first = f"{d.get('gateway_processes', '?')} processes {fmt(d['system']['tokens_per_s'])}"
     others = [f"{p['processes']} processes {fmt(p['tokens_per_s'])} tok/s "
               f"({fmt(p['ratio_system_vs_engine'], 3)})" for p in points]  # fmt: skip
-    return [f"Gateway processes: {first} tok/s; " + "; ".join(others) + ".", ""]
+    serving = d.get("gateway_serving_on")
+    on = f" The gateway said: {serving}." if serving else ""
+    return [f"Gateway processes: {first} tok/s; " + "; ".join(others) + "." + on, ""]
 
 
 def _timeline_md(timeline: dict[str, Any] | None) -> list[str]:

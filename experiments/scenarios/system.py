@@ -84,8 +84,18 @@ def run(ctx: BenchContext) -> dict[str, Any]:
         "engine": engine.to_dict(),
         "ratio_system_vs_engine": ratio(system.tokens_per_s, engine.tokens_per_s),
         "gateway_processes": int(cfg.get("gateway_processes", GATEWAY_PROCESSES)),
+        "gateway_serving_on": serving_on(ctx.out / "logs" / "gateway.log"),
         "more_gateway_processes": gateways,
     }
+
+
+def serving_on(log_file: Path) -> str:
+    """The event loop and HTTP parser the gateway's processes said they serve on (its
+    start-up line: uvloop and httptools, or a warning naming the fallback)."""
+    text = log_file.read_text(errors="replace") if log_file.exists() else ""
+    lines = {line.split(": ", 1)[-1].strip() for line in text.splitlines()
+             if "serving on" in line}  # fmt: skip
+    return "; ".join(sorted(lines)) or "unknown (no start-up line in the gateway's log)"
 
 
 def _system_runs(

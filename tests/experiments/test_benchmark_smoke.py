@@ -244,6 +244,8 @@ def test_system_scenario_through_gateway_and_worker(
     assert point["processes"] == 1 and point["failed"] == 0
     assert point["timeline"]["requests"] == 16 and point["ratio_system_vs_engine"] > 0
     assert "Gateway processes: 2 processes" in (tmp_path / "results.md").read_text()
+    # What its processes serve on (uvicorn[standard] is installed here).
+    assert system["gateway_serving_on"] == "serving on uvloop with httptools"
     # The profiled second pass: its worker's serving loop is in the profile.
     profiled = system["system"]["extra"]["profiled"]
     assert profiled["tokens_per_s"] > 0
