@@ -63,3 +63,21 @@ def test_a_live_shrink_returns_memory_to_the_driver_and_loses_nothing() -> None:
     while core.has_work:
         done += len(core.step().finished)
     assert done == 32 and core.stats().kv_blocks_used == 0
+
+
+def test_a_pool_sized_beside_another_process_may_grow_to_the_worker_s_share() -> None:
+    """Started while another process holds most of the card (a second worker on a shared
+    GPU), the pool is small, but requests are judged against what it may grow to once
+    the agent gives it an even share: the worker's share of the card less its weights
+    and activation peak, not the small pool it started with."""
+    loaded = load_model("synthetic:tinyllama-1.1b", "cuda", "bf16", False)
+    free, total = torch.cuda.mem_get_info()
+    held = torch.empty(free - 12 * GIB, dtype=torch.uint8, device="cuda")
+    core = EngineCore(loaded, CoreConfig(ignore_eos=True, gpu_memory_fraction=0.9))
+    memory = core.runner.memory
+    assert memory is not None and memory.kv_bytes < 12 * GIB
+    block_bytes = memory.kv_bytes // memory.num_blocks
+    share = 0.9 * total - memory.weights - memory.activation_peak
+    assert abs(memory.capacity_blocks * block_bytes - share) < 2 * block_bytes
+    assert core._sized_blocks == memory.capacity_blocks > memory.num_blocks
+    del held

@@ -161,7 +161,7 @@ class EngineCore:
             max_seq_len=cap_seq_len(config.max_seq_len, self.loaded.context_length),
         )
         self.scheduler = Scheduler(self._new_pool(), self.limits)
-        self._sized_blocks = self.scheduler.pool.num_blocks  # the pool as profiled/budgeted
+        self._sized_blocks = self._capacity()  # what the pool may grow to
         self._pending: list[RequestOutcome] = []  # rejected or cancelled, out next step
         self._oom_cap: int | None = None
         self._steps_since_oom = 0
@@ -203,6 +203,12 @@ class EngineCore:
         want = 2 * self.limits.max_num_seqs
         return max(0, want - self.scheduler.num_unfinished)
 
+    def _capacity(self) -> int:
+        """Blocks the pool may grow to (its size now where the runner cannot tell)."""
+        memory = self.runner.memory
+        capacity = memory.capacity_blocks if memory is not None else 0
+        return max(self.scheduler.pool.num_blocks, capacity)
+
     def _reject_reason(self, request: GenerationRequest) -> str | None:
         problem = validate_prompt(
             request.prompt_token_ids, self.runner.shape.vocab
@@ -210,8 +216,9 @@ class EngineCore:
         if problem:
             return problem
         total = request.prompt_len + request.params.max_tokens
-        # Against the pool as sized at start: a pool shrunk for a neighbour may grow back,
-        # so a request that only exceeds the current one waits (see _expire_waiting).
+        # Against the largest pool this worker's share of the card could hold: a pool
+        # sized small, or shrunk, for other processes may grow, so a request that only
+        # exceeds the current one waits (see _expire_waiting).
         largest = max(self.scheduler.pool.num_blocks, self._sized_blocks)
         if blocks_for(total, self.runner.block_size) > largest:
             tokens = largest * self.runner.block_size
@@ -497,7 +504,7 @@ class EngineCore:
             self.scheduler.preempt_all()
             self.runner.allocate(0)
             self.scheduler.pool = self._new_pool()
-            self._sized_blocks = self.scheduler.pool.num_blocks
+            self._sized_blocks = self._capacity()
             self.kv_budget_bytes = 0
             return "KV budget auto (re-profiled)"
         report = self.resize_kv(budget)

@@ -67,6 +67,10 @@ class MemoryPlan:
     kv_bytes: int
     num_blocks: int
     seconds: float
+    # The largest pool this worker's share of the device could hold with nothing else on
+    # it (its budget, when one was set): a pool sized small because other processes held
+    # the memory may grow to it (CPU: the pool itself).
+    capacity_blocks: int = 0
 
 
 class _DecodeGraph:
@@ -126,9 +130,11 @@ class ModelRunner:
             self.shape, num_blocks, self.block_size, self.weights.dtype, self.device
         )
         self._make_static_buffers()
+        capacity = self._cuda_kv_bytes(weights, peak, None, budget) if self.on_cuda else kv_bytes
         self.memory = MemoryPlan(
-            weights, peak, free, num_blocks * block_bytes, num_blocks, time.perf_counter() - started
-        )
+            weights, peak, free, num_blocks * block_bytes, num_blocks,
+            time.perf_counter() - started, max(num_blocks, capacity // block_bytes),
+        )  # fmt: skip
         log.info(
             "KV pool: %d blocks of %d tokens = %.0f MiB (%d tokens); weights %.0f MiB, "
             "activation peak %.0f MiB",
@@ -217,9 +223,12 @@ class ModelRunner:
             torch.cuda.synchronize(self.device)
             torch.cuda.empty_cache()
 
-    def _cuda_kv_bytes(self, weights: int, peak: int, free: int, budget: int) -> int:
+    def _cuda_kv_bytes(self, weights: int, peak: int, free: int | None, budget: int) -> int:
+        """The pool's bytes: what is ``free`` less the activation peak, capped at this
+        worker's share of the card and at ``budget``; ``free`` None: as if nothing else
+        held any of the card (its capacity)."""
         total = torch.cuda.get_device_properties(self.device).total_memory
-        available = free - peak
+        available = (total if free is None else free) - peak
         if self.config.gpu_memory_fraction > 0:
             available = min(
                 available, int(total * self.config.gpu_memory_fraction) - weights - peak
