@@ -32,7 +32,7 @@ import redis
 import redis.asyncio as aioredis
 from pydantic import ValidationError
 
-from shared.feed import ResultFeed
+from shared.feed import ResultFeed, stream_entries
 from shared.keys import WORKER_GROUP, Keys
 from shared.replies import as_text
 from shared.schemas import (
@@ -133,13 +133,10 @@ class Delivery:
     deliveries: int = 1
 
 
-def _entries(reply: Any) -> list[tuple[Any, dict[Any, Any]]]:
+def _entries(reply: Any) -> list[tuple[str, dict[Any, Any]]]:
     """The entries of a one-stream XREAD/XREADGROUP reply (RESP2 list or RESP3 map)."""
-    if not reply:
-        return []
-    if isinstance(reply, dict):
-        return list(next(iter(reply.values()))[0])
-    return list(reply[0][1])
+    streams = stream_entries(reply)
+    return streams[0][1] if streams else []
 
 
 def ensure_group(client: redis.Redis, keys: Keys) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 
 import pytest
 import redis
@@ -26,9 +26,9 @@ def slow_reads(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(feed_module, "BLOCK_MS", NEVER_MS)
 
 
-async def _first(batches: AsyncIterator[list[feed_module.Entry]]) -> list[str]:
+async def _first(batches: AsyncGenerator[list[feed_module.Entry]]) -> list[str]:
     batch = await anext(batches)
-    await batches.aclose()  # type: ignore[attr-defined]
+    await batches.aclose()
     return [entry_id for entry_id, _ in batch]
 
 

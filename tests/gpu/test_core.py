@@ -79,5 +79,5 @@ def test_a_pool_sized_beside_another_process_may_grow_to_the_worker_s_share() ->
     block_bytes = memory.kv_bytes // memory.num_blocks
     share = 0.9 * total - memory.weights - memory.activation_peak
     assert abs(memory.capacity_blocks * block_bytes - share) < 2 * block_bytes
-    assert core._sized_blocks == memory.capacity_blocks > memory.num_blocks
+    assert core._capacity() == memory.capacity_blocks > memory.num_blocks
     del held

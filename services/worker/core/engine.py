@@ -161,7 +161,6 @@ class EngineCore:
             max_seq_len=cap_seq_len(config.max_seq_len, self.loaded.context_length),
         )
         self.scheduler = Scheduler(self._new_pool(), self.limits)
-        self._sized_blocks = self._capacity()  # what the pool may grow to
         self._pending: list[RequestOutcome] = []  # rejected or cancelled, out next step
         self._oom_cap: int | None = None
         self._steps_since_oom = 0
@@ -219,7 +218,7 @@ class EngineCore:
         # Against the largest pool this worker's share of the card could hold: a pool
         # sized small, or shrunk, for other processes may grow, so a request that only
         # exceeds the current one waits (see _expire_waiting).
-        largest = max(self.scheduler.pool.num_blocks, self._sized_blocks)
+        largest = self._capacity()
         if blocks_for(total, self.runner.block_size) > largest:
             tokens = largest * self.runner.block_size
             return f"request of {total} tokens is larger than the whole KV pool ({tokens})"
@@ -504,7 +503,6 @@ class EngineCore:
             self.scheduler.preempt_all()
             self.runner.allocate(0)
             self.scheduler.pool = self._new_pool()
-            self._sized_blocks = self._capacity()
             self.kv_budget_bytes = 0
             return "KV budget auto (re-profiled)"
         report = self.resize_kv(budget)
