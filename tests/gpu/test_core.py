@@ -81,3 +81,20 @@ def test_a_pool_sized_beside_another_process_may_grow_to_the_worker_s_share() ->
     assert abs(memory.capacity_blocks * block_bytes - share) < 2 * block_bytes
     assert core._capacity() == memory.capacity_blocks > memory.num_blocks
     del held
+
+
+def test_graphs_captured_after_a_shrink_write_inside_the_smaller_pool() -> None:
+    """A warm-up after a live shrink (a run's settings applied before its clock) captures
+    every graph: its inputs must be padding, not the last step's slots and block tables,
+    which pointed into the larger pool (an illegal memory access on the H200 before)."""
+    loaded = load_model("synthetic:tinyllama-1.1b", "cuda", "bf16", False)
+    core = EngineCore(loaded, CoreConfig(kv_budget_bytes=8 * GIB, ignore_eos=True))
+    requests = _requests(32)
+    for request in requests[:16]:
+        core.add(request)
+    while core.has_work:
+        core.step()  # the static buffers now hold slots from across the 8 GiB pool
+    core.resize_kv(GIB // 4)
+    assert core.warm_up() > 0
+    torch.cuda.synchronize()
+    assert len(_run(core, requests[16:])) == 16

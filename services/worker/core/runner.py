@@ -460,6 +460,9 @@ class ModelRunner:
             for rows in sorted((b for b in BATCH_BUCKETS if b <= limit), reverse=True):
                 for blocks in _block_buckets(top):
                     if (rows, blocks) not in self._graphs:
+                        # The static buffers still hold the last step's slots and tables,
+                        # which may point past a pool shrunk since: capture on padding.
+                        self._fill_static([], rows, blocks)
                         self._capture(rows, blocks)
                         count += 1
         return count
