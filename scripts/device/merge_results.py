@@ -25,12 +25,16 @@ def merge(paths: list[Path]) -> dict[str, Any]:
         meta = run["meta"]
         merged["meta"] = {**merged["meta"], **meta}
         merged["config"] = {**merged["config"], **run.get("config", {})}
+        earlier = meta.get("parts", {})  # a merged file keeps each scenario's own run
         for name, data in run["scenarios"].items():
             merged["scenarios"][name] = data
+            if name in earlier:
+                parts[name] = earlier[name]
+                continue
             parts[name] = {k: meta.get(k) for k in ("git_commit", "date", "card")}
             parts[name]["source"] = str(path)
-    commits = sorted({p["git_commit"] for p in parts.values() if p["git_commit"]})
-    merged["meta"]["git_commit"] = ", ".join(c[:8] for c in commits)
+    commits = {c[:8] for p in parts.values() for c in (p["git_commit"] or "").split(", ") if c}
+    merged["meta"]["git_commit"] = ", ".join(sorted(commits))
     merged["meta"]["parts"] = parts
     return merged
 
