@@ -16,6 +16,9 @@ Rules, first match wins (thresholds in :class:`PolicyConfig`):
    batch the memory model fits, ignoring the cooldown; at batch 1, cap the length.
 3. Memory above the high watermark (after the shrink cooldown) -> at fp32 lower the
    precision (never bf16 <-> fp16: same bytes; int8 only if allowed), else shrink.
+   Rules 2 and 3 change only the precision of a worker running the engine core: its KV
+   memory is a pool allocated up front, sized by the KV rule, which a smaller batch or a
+   length cap would not free.
 4. Long sequences degrading throughput -> cap max_seq_len near the typical length.
 5. A grow that did not raise tokens/s -> back to the best-known batch, and hold there.
 6. Memory below the low watermark, batches full, grow cooldown over -> grow (hill
@@ -344,6 +347,8 @@ class AgentPolicy:
     def _over_budget(self, state: WorkerControlState, ctx: _Context) -> PolicyDecision | None:
         if ctx.budget is None or ctx.seq_len is None or ctx.memory is None:
             return None
+        if _paged(state):
+            return None  # its memory is its pool, which _kv_budget fits to the room
         s = state.settings
         predicted = state.model.predict_peak(
             s.batch_size, ctx.prompt_len, ctx.new_tokens, s.precision
@@ -387,6 +392,13 @@ class AgentPolicy:
             return self._change(
                 state, ctx, DecisionAction.PRECISION, f"{why}: fp32 -> {target}", precision=target
             )
+        if _paged(state):
+            # A smaller batch or a length cap frees none of a pool allocated up front (and
+            # starved a worker started beside a full card); only the precision does.
+            if cfg.allow_int8 and s.precision in ("bf16", "fp16"):
+                return self._change(state, ctx, DecisionAction.PRECISION,
+                                    f"{why}: {s.precision} -> int8", precision="int8")  # fmt: skip
+            return None
         if s.batch_size <= cfg.min_batch:
             return self._relieve_at_min_batch(state, ctx, why, cap_to=(ctx.seq_len or 256) // 2)
         batch = int(s.batch_size * cfg.shrink_factor)
@@ -581,6 +593,11 @@ class AgentPolicy:
         if ctx.pressure is not None:
             why = f"memory {pct(ctx.pressure)} < {pct(cfg.low_watermark)}, no slow long sequences"
         return self._change(state, ctx, DecisionAction.RELAX_SEQ, why, max_seq_len=cap)
+
+
+def _paged(state: WorkerControlState) -> bool:
+    """Whether the worker runs the engine core: its KV memory is a pool sized up front."""
+    return bool(state.recent and state.recent[-1].kv_pool_bytes)
 
 
 def _knobs(settings: ControlSettings) -> tuple[object, ...]:

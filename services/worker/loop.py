@@ -10,7 +10,8 @@ part that differs: Redis streams in the worker, in-memory lists in the benchmark
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from services.worker.core.engine import CoreStats, StepOutput
@@ -20,6 +21,13 @@ from services.worker.window import StepWindow
 from shared.schemas import ControlSettings, GenerationRequest, Precision
 
 log = logging.getLogger(__name__)
+
+# After a step that ran nothing (every unfinished request waits on a limit: a pool the
+# agent has yet to grow, a length cap), the loop waits this long before the next step:
+# what it waits for is a new setting, a cancel, a timeout or a new request, and without
+# the wait it spun at ~9,000 empty steps a second (a second worker on an H200, whose
+# CPU core the other worker's loop needed).
+STALLED_WAIT_S = 0.02
 
 
 class ServingCore(Protocol):
@@ -83,9 +91,16 @@ class LoopIO(Protocol):
 class ServingLoop:
     """The core plus its I/O; :meth:`iterate` is one step of the serving loop."""
 
-    def __init__(self, core: ServingCore, io: LoopIO, record_interval_s: float = 1.0) -> None:
+    def __init__(
+        self,
+        core: ServingCore,
+        io: LoopIO,
+        record_interval_s: float = 1.0,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
         self.core = core
         self.io = io
+        self._sleep = sleep
         self.window = StepWindow(interval_s=record_interval_s)
         self.applied = ControlSettings(version=-1)
         self.requests: dict[str, GenerationRequest] = {}
@@ -114,6 +129,8 @@ class ServingLoop:
         for outcome in out.finished:
             self.requests.pop(outcome.request_id, None)
         self._record_if_due()
+        if _ran_nothing(out):
+            self._sleep(STALLED_WAIT_S)
         return out
 
     def _take_in(self) -> None:
@@ -155,3 +172,9 @@ class ServingLoop:
         """Record what the window holds now (at the end of a run)."""
         if self.window.steps:
             self.io.record(self.window, self)
+
+
+def _ran_nothing(out: StepOutput) -> bool:
+    """A step that computed no token and ended no request."""
+    stats = out.stats
+    return not (stats.prefill_tokens or stats.decode_tokens or out.finished or stats.oom)

@@ -90,3 +90,26 @@ def test_two_aegis_workers_on_one_gpu_converge_to_even_pools() -> None:
     even = 0.9 * total / 2 - fixed
     assert pools["a"] == pytest.approx(even, rel=0.02)
     assert pools["b"] == pytest.approx(even, rel=0.02)
+
+
+def test_a_worker_started_beside_a_full_card_gets_a_pool_not_a_capped_batch() -> None:
+    """A second worker started while the first held nearly all the card has a pool of a
+    block or so and more memory than its room (weights, activation peak). Shrinking its
+    batch or capping its sequence length frees none of it (that memory is allocated
+    either way) and starved it on an H200 (1 sequence of 128 tokens, relaxed one
+    doubling per cooldown); only its pool follows the room it gets."""
+    config = PolicyConfig(grow_cooldown_s=10.0, grow_cooldown_cycles=1)
+    policy, state = AgentPolicy(config), new_state(batch=256)
+    held = 137 * GIB  # the first worker, and the rest of the card's tenants
+    peer = MemoryView(140 * GIB, 139 * GIB, other_bytes=held, peer_workers=1, peer_bytes=held)
+    decisions = []
+    for second in range(0, 40, 2):
+        pool = state.settings.kv_budget_bytes or BLOCK
+        cycles = [window(pool, 0, state.settings.version)]
+        decision = policy.decide(state, Observation(100.0 + second, peer, cycles))
+        if decision is not None:
+            decisions.append(decision)
+    assert decisions and all(d.action == DecisionAction.KV_BUDGET for d in decisions)
+    assert state.settings.batch_size == 256 and state.settings.max_seq_len == 2048
+    even = 0.9 * 140 * GIB / 2 - WEIGHTS - ACTIVATIONS
+    assert state.settings.kv_budget_bytes == pytest.approx(even, rel=0.02)
