@@ -71,6 +71,7 @@ class AgentSettings(CommonSettings):
     min_kv_bytes: int = Field(default=256 << 20, ge=0)
     ttft_target_ms: float | None = Field(default=None, gt=0)  # AEGIS_TTFT_TARGET_MS
     max_step_tokens: int = Field(default=16384, ge=16)
+    ttft_queue_cycles: int = Field(default=3, ge=1)
 
     @model_validator(mode="after")
     def _consistent(self) -> AgentSettings:

@@ -481,7 +481,8 @@ class AgentPolicy:
         Requests waiting for a slot while every slot is taken: more slots (memory
         permitting). Otherwise prefill is too slow inside the steps: a larger step token
         budget, so waiting prompts get more of each step; at the largest, fewer
-        sequences per step (each step gets faster; tokens/s is what is given up). The
+        sequences per step (each step gets faster; tokens/s is what is given up), unless
+        requests waited for a slot lately: fewer slots would only queue them. The
         decision's inputs keep the p95, the target, tokens/s and the queue, so the log
         shows the trade-off."""
         cfg = self.config
@@ -509,7 +510,8 @@ class AgentPolicy:
             why += ": prefill gets more of each step"
             return self._change(state, ctx, DecisionAction.TTFT, why, max_batched_tokens=bigger)
         batch = self._clamp(int(s.batch_size * cfg.shrink_factor))
-        if batch >= s.batch_size:
+        queued = any(c.waiting for c in list(state.recent)[-cfg.ttft_queue_cycles :])
+        if batch >= s.batch_size or queued:
             return None
         why += f": fewer sequences per step ({last.running} running)"
         return self._change(state, ctx, DecisionAction.SHRINK, why, batch_size=batch)

@@ -71,6 +71,10 @@ class PolicyConfig:
     # gets more of each step, up to max_step_tokens), fewer sequences per step.
     ttft_target_ms: float | None = None
     max_step_tokens: int = 16384  # 2x the worker's default step: inside its profiled margin
+    # Fewer sequences per step only when no request waited for a slot in this many recent
+    # windows: else the wait only moves into the queue (an H200 burst: shrink and grow in
+    # turn every half second, p95 0.73 s against 0.40 s with no target).
+    ttft_queue_cycles: int = 3
 
     def __post_init__(self) -> None:
         if not 0 < self.low_watermark < self.grow_target < self.high_watermark < 1:

@@ -60,6 +60,27 @@ def test_slow_prefill_gets_a_larger_step_budget_then_fewer_sequences() -> None:
     assert "fewer sequences per step (100 running)" in state.settings.reason
 
 
+def test_a_burst_does_not_flip_the_slots_between_fewer_and_more() -> None:
+    """The H200 trace (goodput, 200 requests/s): at the largest step budget the agent
+    cut 256 slots to 192 with 250 running, requests then waited for a slot, it grew
+    back, cut again... every half second, and the p95 doubled. Once requests have
+    waited for a slot, fewer slots only queue them: the agent grows and stays until the
+    queue has been clear for ``ttft_queue_cycles`` windows."""
+    agent, state = policy(), new_state(batch=192)
+    state.settings = state.settings.model_copy(update={"max_batched_tokens": 16384})
+    trace = [(0.94, 192, 57), (0.64, 251, 0), (1.16, 250, 0), (1.46, 256, 0)]  # 2x: target 500
+    actions = []
+    for i, (p95, running, waiting) in enumerate(trace):
+        version = state.settings.version
+        obs = Observation(100.0 + 0.5 * i, idle_card(),
+                          [window(p95, running, waiting, version, step_tokens=16384)])  # fmt: skip
+        decision = agent.decide(state, obs)
+        actions.append(decision.action if decision else None)
+    # Grown for the queue; no cut while a recent window had requests waiting for a slot;
+    # three windows with none waiting, and fewer sequences per step may be tried.
+    assert actions == [DecisionAction.GROW, None, None, DecisionAction.SHRINK], actions
+
+
 def test_under_the_target_nothing_moves_for_it_and_growth_waits_near_it() -> None:
     agent, state = policy(), new_state(batch=64)
     fine = agent.decide(state, Observation(100.0, idle_card(), [window(0.2, 64, 10, 0)]))
