@@ -124,10 +124,12 @@ class ServingLoop:
             self._record_if_due()
             return None
         out = self.core.step()
-        self.io.deliver(out)
+        # Counted before it is delivered: a delivery that fails (Redis) is retried by the
+        # I/O, and the step must be in the window once either way.
         self.window.add(out, self.requests)
         for outcome in out.finished:
             self.requests.pop(outcome.request_id, None)
+        self.io.deliver(out)
         self._record_if_due()
         if _ran_nothing(out):
             self._sleep(STALLED_WAIT_S)

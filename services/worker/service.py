@@ -10,7 +10,9 @@ the engine's own scheduling and its OOM recovery.
 
 Delivery is at-least-once: an entry is acked only after its answer is published; a
 redelivered request whose answer exists is acked without running; the claims of every
-request the core holds are kept fresh by the heartbeat thread. On stop, requests that
+request the core holds are kept fresh by the heartbeat thread. A step's output whose
+publishing a Redis error interrupted is kept and published first once Redis answers
+(each part once: the core has already let go of those requests). On stop, requests that
 never ran are handed back at once, the running ones get ``drain_timeout_s`` to finish,
 and what is left is handed back too (another worker recomputes it).
 """
@@ -22,6 +24,8 @@ import os
 import socket
 import threading
 import time
+from collections import deque
+from dataclasses import dataclass
 
 import redis
 
@@ -30,6 +34,7 @@ from services.worker.core.engine import StepOutput
 from services.worker.loop import ServingCore, ServingLoop
 from services.worker.metrics import WorkerMetrics
 from services.worker.model import LoadedModel, model_info
+from services.worker.rows import RequestOutcome
 from services.worker.stats import gpu_index, gpu_uuid
 from services.worker.window import StepWindow, WindowContext
 from shared.control import ControlStore
@@ -85,6 +90,7 @@ class Worker:
         self._settings_read_at = 0.0
         self._stop = threading.Event()
         self._held_lock = threading.Lock()
+        self._undelivered: deque[_Undelivered] = deque()
         self._redis_failures = 0
 
     # -- lifecycle -------------------------------------------------------------------
@@ -149,6 +155,7 @@ class Worker:
         """One loop iteration; a Redis error is recoverable (the model stays loaded, the
         running requests stay in the core), anything else ends the process."""
         try:
+            self._deliver_backlog()  # a step's output a Redis error held back, first
             self.loop.iterate()
             self._redis_failures = 0
         except redis.RedisError as exc:
@@ -222,19 +229,48 @@ class Worker:
         return self.queue.cancelled(request_ids)
 
     def deliver(self, output: StepOutput) -> None:
+        """Publish a step's output, after any earlier one a Redis error held back: the
+        core has let go of its finished requests, so their answers must not be lost."""
         self.metrics.step(output.stats)
-        if output.deltas:
+        self._undelivered.append(_Undelivered(output))
+        self._deliver_backlog()
+
+    def _deliver_backlog(self) -> None:
+        while self._undelivered:
+            self._publish(self._undelivered[0])  # raises on a Redis error: kept for retry
+            self._undelivered.popleft()
+
+    def _publish(self, pending: _Undelivered) -> None:
+        """Each part once, in order, across retries (deltas, OOM event, answers + acks;
+        the answers are publish-once in Redis themselves)."""
+        output = pending.output
+        if output.deltas and not pending.deltas_sent:
             self.queue.publish_deltas(output.deltas)
-        if output.stats.oom is not None:
+            pending.deltas_sent = True
+        if output.stats.oom is not None and not pending.oom_sent:
             self._on_oom(output)
+            pending.oom_sent = True
         if not output.finished:
             return
+        with self._held_lock:  # popped once published: a retry finds them here still
+            pairs = [(o, self.held[o.request_id]) for o in output.finished]
+        if pending.answers is None:
+            answers = [
+                o.to_result(d.request, self.loaded.name, self.settings.worker_id) for o, d in pairs
+            ]
+            pending.answers = answers, self.queue.publish_results(answers)
+            self._count_answers(pairs, *pending.answers)
+        self.queue.ack([d.entry_id for _, d in pairs])
         with self._held_lock:
-            pairs = [(o, self.held.pop(o.request_id)) for o in output.finished]
-        answers = [
-            o.to_result(d.request, self.loaded.name, self.settings.worker_id) for o, d in pairs
-        ]
-        published = self.queue.publish_results(answers)
+            for outcome, _ in pairs:
+                self.held.pop(outcome.request_id, None)
+
+    def _count_answers(
+        self,
+        pairs: list[tuple[RequestOutcome, Delivery]],
+        answers: list[GenerationResult],
+        published: list[bool],
+    ) -> None:
         for (_, delivery), result, first in zip(pairs, answers, published, strict=True):
             if first:  # a redelivery that lost the race is neither counted nor recorded
                 self.metrics.result(result)
@@ -242,7 +278,6 @@ class Worker:
             else:  # ran twice: its claim lapsed while held here (or a duplicate entry)
                 log.warning("request %s was answered already by another delivery: this "
                             "run's answer is dropped", result.request_id)  # fmt: skip
-        self.queue.ack([d.entry_id for _, d in pairs])
 
     def record(self, window: StepWindow, loop: ServingLoop) -> None:
         ctx = WindowContext(
@@ -274,11 +309,11 @@ class Worker:
     def _on_oom(self, output: StepOutput) -> None:
         info = output.stats.oom
         assert info is not None
-        self.metrics.oom()
         event = info.to_event(self.settings.worker_id, gpu_index(self.loaded.device),
                               self.core.precision, self.loop.applied.version)  # fmt: skip
-        log.warning("OOM in a step of %d sequences: %s", info.batch_size, info.action)
         publish_event(self.client, self.keys, event, self.settings.events_maxlen)
+        log.warning("OOM in a step of %d sequences: %s", info.batch_size, info.action)
+        self.metrics.oom()
         self.writer.submit(event)
 
     def _request_record(
@@ -297,6 +332,16 @@ class Worker:
             finished_at=result.finished_at,
             settings_version=self.loop.applied.version,
         )
+
+
+@dataclass
+class _Undelivered:
+    """A step's output not yet wholly published, and the parts that were."""
+
+    output: StepOutput
+    deltas_sent: bool = False
+    oom_sent: bool = False
+    answers: tuple[list[GenerationResult], list[bool]] | None = None  # and which were first
 
 
 def _gpu_name(device: str) -> str | None:

@@ -279,6 +279,41 @@ def test_a_redis_error_is_retried_without_losing_the_running_requests(
     assert all(r is not None and r.completion_tokens == 12 for r in results)
 
 
+def test_answers_a_redis_error_held_back_are_published_once_redis_answers(
+    make_worker, redis_client, keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The core lets go of a request when it finishes; if publishing its answer then
+    fails, the worker keeps the step's output and publishes it first thing next time,
+    even with nothing left to run. Before, the answers were dropped and the requests
+    ran again once their entries' claims lapsed (the visibility timeout, 30 s)."""
+    worker, url = make_worker()
+    ids = _submit(redis_client, keys, 2, max_tokens=3)
+    runs: list[str] = []
+    add = worker.core.add
+    monkeypatch.setattr(worker.core, "add", lambda r: (runs.append(r.id), add(r))[1])
+    failures = iter([True])
+    real = worker.queue.publish_results
+
+    def flaky(results: list[GenerationResult]) -> list[bool]:
+        if next(failures, False):
+            raise redis.ConnectionError("Connection reset by peer")
+        return real(results)
+
+    monkeypatch.setattr(worker.queue, "publish_results", flaky)
+    for _ in range(MAX_ITERATIONS):
+        if answered(redis_client, keys, ids)() and not worker.held:
+            break
+        worker._iterate()
+    else:
+        raise AssertionError("the answers were never published")
+    assert next(failures, None) is None  # the failure did happen
+    assert sorted(runs) == ids  # each ran once: published late, not computed again
+    assert [redis_client.xlen(keys.result(i)) for i in ids] == [1, 1]
+    assert redis_client.xpending(keys.requests, "workers")["pending"] == 0
+    worker.writer.flush()
+    assert sorted(r["request_id"] for r in open_records(url).fetch("requests")) == ids
+
+
 def test_each_cycle_logs_how_busy_the_engine_was(
     make_worker, redis_client, keys, caplog: pytest.LogCaptureFixture
 ) -> None:
