@@ -141,6 +141,7 @@ class _BenchIO:
         self.start = time.perf_counter()
         self.wall_start = now()
         self.timings: dict[str, RequestTiming] = {}
+        self.arrived: dict[str, float] = {}  # request id -> its arrival (s after the start)
         self.cycles: list[CycleRecord] = []
         self.ooms: list[OomInfo] = []
 
@@ -156,6 +157,7 @@ class _BenchIO:
         taken: list[GenerationRequest] = []
         while self.pending and len(taken) < count and self.pending[0][0] <= self.elapsed():
             arrival, request = self.pending.popleft()  # latency counts from the arrival
+            self.arrived[request.id] = arrival
             taken.append(request.model_copy(update={"enqueued_at": self.wall_start + arrival}))
         return taken
 
@@ -167,8 +169,7 @@ class _BenchIO:
             self.ooms.append(output.stats.oom)
         for outcome in output.finished:
             offset = self.wall_start
-            request = self.runner.loop_requests.get(outcome.request_id)
-            arrived = (request.enqueued_at if request else offset) - offset
+            arrived = self.arrived.pop(outcome.request_id)
             first = outcome.first_token_at - offset if outcome.first_token_at else None
             self.timings[outcome.request_id] = RequestTiming(
                 arrived, first, outcome.finished_at - offset, outcome.completion_tokens,
@@ -204,7 +205,6 @@ class AegisRunner:
         self.core = core
         self.device = device
         self.record_interval_s = record_interval_s
-        self.loop_requests: dict[str, GenerationRequest] = {}
 
     def run(
         self,
@@ -225,7 +225,6 @@ class AegisRunner:
         """
         io = _BenchIO(self, requests, arrivals, settings, loop, on_cycle, bar)
         serving = ServingLoop(self.core, io, self.record_interval_s)
-        self.loop_requests = serving.requests
         preempted = self.core.stats().preemptions
         # The run's settings and their graphs before the clock, as a worker starts: a
         # pool resized here used to re-capture its graphs inside the timed run.
