@@ -56,6 +56,7 @@ class Phase:
     worker_batch: int
     worker_step_ms: float
     queue_bound: int = 128
+    prompt_bytes: int = 0  # 0: a short line per request
 
     @property
     def worker_capacity(self) -> float:
@@ -192,15 +193,22 @@ class Connection:
         self.reader = self.writer = None
 
 
+def prompt_text(index: int, size: int) -> str:
+    """Request ``index``'s prompt: a short line, or ``size`` bytes (one token per byte)."""
+    line = f"load test request {index}"
+    return line if size <= len(line) else (line + " lorem ipsum dolor sit amet" * size)[:size]
+
+
 async def _client(
-    connection: Connection, jobs: asyncio.Queue[int], outcomes: list[Outcome]
+    connection: Connection, jobs: asyncio.Queue[int], outcomes: list[Outcome], prompt_bytes: int
 ) -> None:
     while True:
         try:
             index = jobs.get_nowait()
         except asyncio.QueueEmpty:
             break
-        body = {"model": "synthetic:echo", "prompt": f"load test request {index}", "max_tokens": 8}
+        prompt = prompt_text(index, prompt_bytes)
+        body = {"model": "synthetic:echo", "prompt": prompt, "max_tokens": 8}
         start = time.perf_counter()
         try:
             status, headers, _ = await connection.post("/v1/completions", json.dumps(body).encode())
@@ -222,7 +230,7 @@ async def run_phase(port: int, phase: Phase) -> PhaseResult:
     connections = [Connection(port) for _ in range(phase.concurrency)]
     await asyncio.gather(*(c.connect() for c in connections))  # before the clock starts
     start = time.perf_counter()
-    await asyncio.gather(*(_client(c, jobs, outcomes) for c in connections))
+    await asyncio.gather(*(_client(c, jobs, outcomes, phase.prompt_bytes) for c in connections))
     return summarize(phase, outcomes, time.perf_counter() - start)
 
 
@@ -320,6 +328,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--gateway-processes", type=int, default=1, help="AEGIS_GATEWAY_PROCESSES (0: one per core)"
     )
+    parser.add_argument(
+        "--prompt-bytes", type=int, default=0,
+        help="prompt size (one token per byte; W1's are 64-512 tokens); 0: a short line",
+    )  # fmt: skip
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--worker-batch", type=int, default=16, help=argparse.SUPPRESS)
     parser.add_argument("--worker-step-ms", type=float, default=10.0, help=argparse.SUPPRESS)
@@ -346,6 +358,8 @@ def main(argv: list[str] | None = None) -> None:
         Phase("overload", args.requests, 256, worker_batch=8, worker_step_ms=200,
               queue_bound=args.queue_bound),
     ]  # fmt: skip
+    for phase in phases:
+        phase.prompt_bytes = args.prompt_bytes
     url, results = f"http://127.0.0.1:{port}", []
     try:
         for phase in phases:
@@ -357,7 +371,7 @@ def main(argv: list[str] | None = None) -> None:
         client.close()
     setup = {
         "requests_per_phase": args.requests, "burst": args.burst,
-        "gateway_processes": args.gateway_processes,
+        "gateway_processes": args.gateway_processes, "prompt_bytes": args.prompt_bytes,
         "cpus": os.cpu_count(), "python": platform.python_version(), "machine": platform.platform(),
         "ts": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }  # fmt: skip
@@ -365,6 +379,10 @@ def main(argv: list[str] | None = None) -> None:
     print(f"report in {args.out}, process logs in {work}")
     if any(r.errors_other_than_429 or not r.all_429_have_retry_after for r in results):
         raise SystemExit("errors other than 429 with Retry-After: see the report")
+
+
+def _prompts(size: object) -> str:
+    return f"prompts of {size} bytes (tokens)" if size else "one-line prompts"
 
 
 def _processes(count: object) -> str:
@@ -381,7 +399,8 @@ def write_report(out: Path, setup: dict[str, object], results: list[PhaseResult]
         f"`python -m experiments.loadtest` on {setup['ts']}: {setup['cpus']} CPUs shared with "
         "other work (the clients, the gateway, Redis and the worker all on them), a gateway "
         f"of {_processes(setup.get('gateway_processes', 1))} and a paced echo worker process "
-        "(a fixed step time per batch, no model), 8-token completions. Each phase has a "
+        f"(a fixed step time per batch, no model), {_prompts(setup.get('prompt_bytes', 0))}, "
+        "8-token completions. Each phase has a "
         "gateway of its own, started with the phase's queue bound (in sequences); its "
         "clients' connections are open before the clock starts. In the burst, every "
         "request is sent at once (the gateway's cost per request, admission to answer).",

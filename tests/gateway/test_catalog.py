@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import redis
 
-from services.gateway.catalog import ModelCatalog
+from services.gateway.catalog import ModelCatalog, parse_model
 from shared.keys import Keys
 from shared.schemas import dump
 from tests.gateway.conftest import GatewayFactory
@@ -45,3 +45,24 @@ def test_a_broken_model_info_keeps_the_watcher_going(
     redis_client.set(keys.model_info, dump(model_info("org/Fixed")))
     wait_for(lambda: catalog.loaded is not None, 20, "the fixed model to be loaded")
     assert catalog.last_error is None
+
+
+def test_prompts_encode_to_the_tokenizer_s_own_ids() -> None:
+    """The gateway's fast path (no character offsets) gives exactly the ids of the
+    tokenizer's encode, special tokens included or not."""
+    from services.worker.model import synthetic_tokenizer
+
+    tokenizer = synthetic_tokenizer(512).backend_tokenizer
+    info = model_info().model_copy(update={"tokenizer_json": tokenizer.to_str()})
+    served = parse_model(dump(info))
+    texts = [
+        "The capital of France is",
+        "  two  spaces, tabs\tand\nnewlines ",
+        "unicode: déjà vu, 東京, emoji 🚀",
+        "x" * 3000,
+        "<s> a literal <s> and </s>",
+    ]
+    for text in texts:
+        assert served.encode_prompt(text) == tokenizer.encode(text).ids
+        assert served.encode_rendered(text) == tokenizer.encode(text, add_special_tokens=False).ids
+    assert served.encode_prompt("hi")[0] == 1  # <s> added

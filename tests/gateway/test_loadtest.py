@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from experiments.loadtest import Outcome, Phase, run_phase, summarize
+from experiments.loadtest import Outcome, Phase, prompt_text, run_phase, summarize
 from tests.gateway.conftest import RunningGateway
 
 
@@ -24,3 +24,8 @@ def test_the_summary_counts_only_non_429s_as_errors() -> None:
     assert result.errors_other_than_429 == 1
     assert result.all_429_have_retry_after is False
     assert result.ok_per_s == 0.5
+
+
+def test_prompts_of_a_given_size_are_that_size() -> None:
+    assert prompt_text(3, 0) == "load test request 3"
+    assert len(prompt_text(3, 1200)) == 1200 and prompt_text(3, 1200).startswith("load test")
