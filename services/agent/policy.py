@@ -325,24 +325,28 @@ class AgentPolicy:
         self, state: WorkerControlState, ctx: _Context, why: str, cap_to: int
     ) -> PolicyDecision | None:
         """At the smallest batch: lower the precision if possible, else cap the length."""
+        lower = self._lower_precision(state, ctx, why)
+        if lower is not None:
+            return lower
         s = state.settings
-        if s.precision == "fp32":
-            target = self.config.reduced_precision
-            return self._change(
-                state, ctx, DecisionAction.PRECISION, f"{why}: fp32 -> {target}", precision=target
-            )
-        if self.config.allow_int8 and s.precision in ("bf16", "fp16"):
-            return self._change(
-                state,
-                ctx,
-                DecisionAction.PRECISION,
-                f"{why}: {s.precision} -> int8",
-                precision="int8",
-            )
         cap = max(self.config.min_seq_len, min(s.max_seq_len // 2, length_bucket(cap_to)))
         return self._change(
             state, ctx, DecisionAction.CAP_SEQ, f"{why}: cap sequence length", max_seq_len=cap
         )
+
+    def _lower_precision(
+        self, state: WorkerControlState, ctx: _Context, why: str
+    ) -> PolicyDecision | None:
+        """fp32 -> the reduced precision; bf16/fp16 -> int8 where allowed; else None."""
+        precision = state.settings.precision
+        if precision == "fp32":
+            target = self.config.reduced_precision
+        elif self.config.allow_int8 and precision in ("bf16", "fp16"):
+            target = "int8"
+        else:
+            return None
+        return self._change(state, ctx, DecisionAction.PRECISION,
+                            f"{why}: {precision} -> {target}", precision=target)  # fmt: skip
 
     def _over_budget(self, state: WorkerControlState, ctx: _Context) -> PolicyDecision | None:
         if ctx.budget is None or ctx.seq_len is None or ctx.memory is None:
@@ -387,18 +391,10 @@ class AgentPolicy:
         why = f"memory {pct(ctx.pressure)} > {pct(cfg.high_watermark)}"
         if neighbour:
             why += f", other processes took {ctx.neighbour_growth / GIB:.1f} GiB"
-        if s.precision == "fp32":
-            target = cfg.reduced_precision
-            return self._change(
-                state, ctx, DecisionAction.PRECISION, f"{why}: fp32 -> {target}", precision=target
-            )
-        if _paged(state):
-            # A smaller batch or a length cap frees none of a pool allocated up front (and
-            # starved a worker started beside a full card); only the precision does.
-            if cfg.allow_int8 and s.precision in ("bf16", "fp16"):
-                return self._change(state, ctx, DecisionAction.PRECISION,
-                                    f"{why}: {s.precision} -> int8", precision="int8")  # fmt: skip
-            return None
+        if s.precision == "fp32" or _paged(state):
+            # On the engine core a smaller batch or a length cap frees none of a pool
+            # allocated up front (and starved a worker started beside a full card).
+            return self._lower_precision(state, ctx, why)
         if s.batch_size <= cfg.min_batch:
             return self._relieve_at_min_batch(state, ctx, why, cap_to=(ctx.seq_len or 256) // 2)
         batch = int(s.batch_size * cfg.shrink_factor)

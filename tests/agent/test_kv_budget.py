@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from services.agent.policy import AgentPolicy, MemoryView, Observation, PolicyConfig
+from services.agent.policy import (
+    AgentPolicy,
+    MemoryView,
+    Observation,
+    PolicyConfig,
+    PolicyDecision,
+    WorkerControlState,
+)
 from shared.schemas import CycleStats, DecisionAction
 from tests.agent.sim import GIB, new_state
 
@@ -98,9 +105,30 @@ def test_a_worker_started_beside_a_full_card_gets_a_pool_not_a_capped_batch() ->
     batch or capping its sequence length frees none of it (that memory is allocated
     either way) and starved it on an H200 (1 sequence of 128 tokens, relaxed one
     doubling per cooldown); only its pool follows the room it gets."""
-    config = PolicyConfig(grow_cooldown_s=10.0, grow_cooldown_cycles=1)
+    decisions, state = _beside_a_full_card(
+        PolicyConfig(grow_cooldown_s=10.0, grow_cooldown_cycles=1)
+    )
+    assert decisions and all(d.action == DecisionAction.KV_BUDGET for d in decisions)
+    assert state.settings.batch_size == 256 and state.settings.max_seq_len == 2048
+    even = 0.9 * 140 * GIB / 2 - WEIGHTS - ACTIVATIONS
+    assert state.settings.kv_budget_bytes == pytest.approx(even, rel=0.02)
+
+
+def test_memory_pressure_on_the_engine_core_lowers_the_precision_where_allowed() -> None:
+    """The one memory lever beside the pool that frees memory on the engine core."""
+    decisions, state = _beside_a_full_card(
+        PolicyConfig(grow_cooldown_s=10.0, grow_cooldown_cycles=1, allow_int8=True)
+    )
+    actions = {d.action for d in decisions}
+    assert actions == {DecisionAction.KV_BUDGET, DecisionAction.PRECISION}
+    assert state.settings.precision == "int8" and state.settings.batch_size == 256
+
+
+def _beside_a_full_card(config: PolicyConfig) -> tuple[list[PolicyDecision], WorkerControlState]:
+    """40 s of windows of a worker whose peer and the card's other tenants hold 137 of
+    its 140 GiB; the decisions made and the state they left."""
     policy, state = AgentPolicy(config), new_state(batch=256)
-    held = 137 * GIB  # the first worker, and the rest of the card's tenants
+    held = 137 * GIB
     peer = MemoryView(140 * GIB, 139 * GIB, other_bytes=held, peer_workers=1, peer_bytes=held)
     decisions = []
     for second in range(0, 40, 2):
@@ -109,7 +137,4 @@ def test_a_worker_started_beside_a_full_card_gets_a_pool_not_a_capped_batch() ->
         decision = policy.decide(state, Observation(100.0 + second, peer, cycles))
         if decision is not None:
             decisions.append(decision)
-    assert decisions and all(d.action == DecisionAction.KV_BUDGET for d in decisions)
-    assert state.settings.batch_size == 256 and state.settings.max_seq_len == 2048
-    even = 0.9 * 140 * GIB / 2 - WEIGHTS - ACTIVATIONS
-    assert state.settings.kv_budget_bytes == pytest.approx(even, rel=0.02)
+    return decisions, state
