@@ -4,6 +4,7 @@ parts of a cycle record that come from the device (see :mod:`services.worker.win
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cache
 
 from shared.schemas import gpu_uuid_key
 
@@ -24,6 +25,7 @@ def gpu_index(device: str) -> int | None:
     return int(device.split(":")[1]) if ":" in device else 0
 
 
+@cache  # read into every cycle record; a device's UUID never changes
 def gpu_uuid(device: str) -> str | None:
     """The UUID of the GPU behind ``device`` (None on CPU), as the monitor's samples carry
     it: the index a worker sees is not the host's when it sees only its own GPU."""

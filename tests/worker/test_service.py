@@ -60,6 +60,24 @@ def _submit(redis_client: redis.Redis, keys: Keys, count: int, **params: object)
     return ids
 
 
+def _fail_first(
+    monkeypatch: pytest.MonkeyPatch, target: object, name: str, times: int
+) -> list[int]:
+    """Make ``target.name`` raise a Redis connection error on its first ``times`` calls;
+    the list returned holds the number of each call that failed."""
+    real, calls, failed = getattr(target, name), iter(range(1, 1_000_000)), []
+
+    def flaky(*args: object) -> object:
+        call = next(calls)
+        if call <= times:
+            failed.append(call)
+            raise redis.ConnectionError("Connection refused")
+        return real(*args)
+
+    monkeypatch.setattr(target, name, flaky)
+    return failed
+
+
 def run_until(worker: Worker, done: Callable[[], bool]) -> None:
     for _ in range(MAX_ITERATIONS):
         if done():
@@ -259,15 +277,7 @@ def test_a_redis_error_is_retried_without_losing_the_running_requests(
     worker, _ = make_worker()
     ids = _submit(redis_client, keys, 2, max_tokens=12)
     worker.loop.iterate()
-    failures = iter([True, True])
-    real = worker.queue.cancelled
-
-    def flaky(request_ids: list[str]) -> set[str]:
-        if next(failures, False):
-            raise redis.ConnectionError("Connection refused")
-        return real(request_ids)
-
-    monkeypatch.setattr(worker.queue, "cancelled", flaky)
+    _fail_first(monkeypatch, worker.queue, "cancelled", times=2)
     worker._iterate()
     worker._iterate()
     assert worker.core.stats().running == 2  # still held by the core, nothing lost
@@ -291,22 +301,14 @@ def test_answers_a_redis_error_held_back_are_published_once_redis_answers(
     runs: list[str] = []
     add = worker.core.add
     monkeypatch.setattr(worker.core, "add", lambda r: (runs.append(r.id), add(r))[1])
-    failures = iter([True])
-    real = worker.queue.publish_results
-
-    def flaky(results: list[GenerationResult]) -> list[bool]:
-        if next(failures, False):
-            raise redis.ConnectionError("Connection reset by peer")
-        return real(results)
-
-    monkeypatch.setattr(worker.queue, "publish_results", flaky)
+    failures = _fail_first(monkeypatch, worker.queue, "publish_results", times=1)
     for _ in range(MAX_ITERATIONS):
         if answered(redis_client, keys, ids)() and not worker.held:
             break
         worker._iterate()
     else:
         raise AssertionError("the answers were never published")
-    assert next(failures, None) is None  # the failure did happen
+    assert failures == [1]  # the failure did happen
     assert sorted(runs) == ids  # each ran once: published late, not computed again
     assert [redis_client.xlen(keys.result(i)) for i in ids] == [1, 1]
     assert redis_client.xpending(keys.requests, "workers")["pending"] == 0
